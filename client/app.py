@@ -1,0 +1,239 @@
+"""clinfed's Flower ClientApp: the code a hospital's SuperNode runs for each server request.
+
+The site's own configuration comes from where the site put it — in deployment the SuperNode's
+``--node-config 'site-config="/etc/clinfed/site.yaml"'``, in simulation the simulated site list —
+never from the run config the server sends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clinfed import wire
+from clinfed.client.mods import egress_guard_mod
+from clinfed.client.site import (
+    DPState,
+    FeatureStats,
+    RoundRequest,
+    SiteData,
+    load_site_data,
+    schema_fingerprint,
+    set_standardization,
+    site_evaluate,
+    site_train,
+)
+from clinfed.client.training import TrainSettings
+from clinfed.config import SiteConfig, load_site_config
+from clinfed.errors import ConfigError, PrivacyError, ProtocolError
+from clinfed.models import create_model
+from clinfed.privacy.accountant import DPStep, epsilon_spent
+
+__all__ = ["SiteResolver", "app", "build_client_app", "site_from_node_config"]
+
+logger = logging.getLogger(__name__)
+K = wire.Keys
+_STATE = "clinfed.dp"
+
+SiteResolver = Callable[[Context], SiteConfig]
+"""Finds the site's own :class:`SiteConfig` for a message's context."""
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """The site config named by the SuperNode's ``--node-config site-config=PATH``."""
+    path = context.node_config.get("site-config")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            "this SuperNode has no site config: start it with "
+            "--node-config 'site-config=\"/etc/clinfed/site.yaml\"'."
+        )
+    return load_site_config(path)
+
+
+def _get(config: ConfigRecord, key: str, kind: type) -> object:
+    if key not in config:
+        raise ProtocolError(f"the server's request lacks {key!r}; is the server running clinfed?")
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"the server's {key!r} must be {kind.__name__}; got {type(value).__name__}.")
+    return value
+
+
+def _request(config: ConfigRecord) -> RoundRequest:
+    settings = TrainSettings(
+        epochs=int(_get(config, K.LOCAL_EPOCHS, int)),  # type: ignore[call-overload]
+        batch_size=int(_get(config, K.BATCH_SIZE, int)),  # type: ignore[call-overload]
+        lr=float(_get(config, K.LR, float)),  # type: ignore[arg-type]
+        momentum=float(_get(config, K.MOMENTUM, float)),  # type: ignore[arg-type]
+        max_grad_norm=float(_get(config, K.MAX_GRAD_NORM, float)),  # type: ignore[arg-type]
+        proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+    )
+    request = RoundRequest(
+        server_round=int(_get(config, K.SERVER_ROUND, int)),  # type: ignore[call-overload]
+        num_rounds=int(_get(config, K.NUM_ROUNDS, int)),  # type: ignore[call-overload]
+        settings=settings,
+        dp=bool(_get(config, K.DP, bool)),
+    )
+    s = settings
+    if min(s.epochs, s.batch_size, request.num_rounds, request.server_round) < 1 or not (
+        s.lr > 0 and s.max_grad_norm > 0 and 0 <= s.momentum < 1 and s.proximal_mu >= 0
+    ):
+        raise ProtocolError(f"the server's training settings are out of range: {s}.")
+    if request.server_round > request.num_rounds:
+        raise PrivacyError(
+            f"round {request.server_round} is beyond the {request.num_rounds} rounds the noise "
+            "was calibrated for; refused."
+        )
+    return request
+
+
+def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> torch.nn.Module:
+    hidden = config.get(K.MODEL_HIDDEN, [])
+    model = create_model(
+        str(_get(config, K.MODEL_NAME, str)),
+        num_features=data.num_features,
+        num_classes=data.num_classes,
+        hidden=[int(h) for h in hidden] if isinstance(hidden, list) else [],  # type: ignore[arg-type]
+        dropout=float(config.get(K.MODEL_DROPOUT, 0.0)),  # type: ignore[arg-type]
+    )
+    if arrays is None:
+        raise ProtocolError("the server's request carries no model arrays.")
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).splitlines()[0]
+        raise ProtocolError(f"the server's model does not fit this site's data layout: {first}") from None
+    if str(config.get(K.SCALING, "federated")) == "local":
+        set_standardization(model, *FeatureStats.of(data.x_train).standardization())
+    return model
+
+
+def _load_state(context: Context) -> DPState:
+    record = context.state.config_records.get(_STATE)
+    if record is None:
+        return DPState()
+    sig, rate, steps = record["sigma"], record["rate"], record["steps"]
+    history = [
+        DPStep(noise_multiplier=float(a), sample_rate=float(b), steps=int(c))
+        for a, b, c in zip(sig, rate, steps, strict=True)  # type: ignore[arg-type]
+    ]
+    return DPState(
+        plan=str(record["plan"]), noise_multiplier=float(record["noise"]), history=history  # type: ignore[arg-type]
+    )
+
+
+def _save_state(context: Context, state: DPState) -> None:
+    context.state.config_records[_STATE] = ConfigRecord(
+        {
+            "plan": state.plan,
+            "noise": state.noise_multiplier,
+            "sigma": [s.noise_multiplier for s in state.history],
+            "rate": [s.sample_rate for s in state.history],
+            "steps": [s.steps for s in state.history],
+        }
+    )
+
+
+def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """The ClientApp, with the site's configuration found by ``resolve_site``."""
+    client_app = ClientApp()
+
+    @client_app.query(mods=[egress_guard_mod])
+    def query(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        data = load_site_data(site)
+        stats = FeatureStats.of(data.x_train)
+        return Message(
+            RecordDict(
+                {
+                    wire.SITE: ConfigRecord(
+                        {
+                            K.SITE_NAME: site.name,
+                            K.SCHEMA_FINGERPRINT: schema_fingerprint(data.schema),
+                            K.NUM_FEATURES: data.num_features,
+                            K.NUM_CLASSES: data.num_classes,
+                        }
+                    ),
+                    wire.STATS: MetricRecord(
+                        {
+                            K.STATS_COUNT: stats.count,
+                            K.STATS_SUM: list(stats.total),
+                            K.STATS_SUM_SQ: list(stats.total_sq),
+                        }
+                    ),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    @client_app.train(mods=[egress_guard_mod])
+    def train(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        torch.set_num_threads(site.torch_threads)
+        data = load_site_data(site)
+        config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+        request = _request(config)
+        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        state = _load_state(context)
+        result, epsilon = site_train(model, data, request, site=site, state=state)
+        _save_state(context, state)
+        logger.info(
+            "site %s round %d: trained on %d records, loss %.4f, epsilon %.4g",
+            site.name, request.server_round, result.num_examples, result.mean_loss, epsilon,
+        )
+        metrics = {
+            K.NUM_EXAMPLES: result.num_examples,
+            K.TRAIN_LOSS: result.mean_loss,
+            K.EPSILON: epsilon,
+            K.DELTA: site.privacy.delta,
+            K.NOISE_MULTIPLIER: result.noise_multiplier or 0.0,
+        }
+        return Message(
+            RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord(model.state_dict()),
+                    wire.METRICS: MetricRecord({k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    @client_app.evaluate(mods=[egress_guard_mod])
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        torch.set_num_threads(site.torch_threads)
+        data = load_site_data(site)
+        config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        result = site_evaluate(model, data)
+        state = _load_state(context)
+        spent = epsilon_spent(state.history, delta=site.privacy.delta, accountant=site.privacy.accountant)
+        metrics = {
+            K.NUM_EXAMPLES: result.num_examples,
+            K.LOSS: result.loss,
+            K.ACCURACY: result.accuracy,
+            K.ROC_AUC: result.roc_auc,
+            K.EPSILON: spent,
+        }
+        return Message(
+            RecordDict(
+                {wire.METRICS: MetricRecord({k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()})}
+            ),
+            reply_to=msg,
+        )
+
+    return client_app
+
+
+app = build_client_app()
+"""The deployment ClientApp (``flwr run``): site config from ``--node-config site-config=...``."""
+
+_ = (dataclasses, math)

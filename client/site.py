@@ -1,0 +1,262 @@
+"""What a hospital site does when the server asks: describe itself, train, evaluate.
+
+Transport-free: these functions take typed values and return typed values; :mod:`clinfed.client.app`
+translates Flower messages to and from them. The site's data, schema and privacy target come from
+its own :class:`~clinfed.config.SiteConfig` and never leave the site; what leaves is decided here
+and checked again by :func:`clinfed.client.mods.egress_guard_mod`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
+from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
+from clinfed.config import SiteConfig
+from clinfed.errors import PrivacyError
+from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
+
+__all__ = [
+    "DPState",
+    "FeatureStats",
+    "RoundRequest",
+    "SiteData",
+    "load_site_data",
+    "flat_metrics",
+    "schema_fingerprint",
+    "set_standardization",
+    "site_evaluate",
+    "site_train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's training and held-out test splits as tensors (never leave the site)."""
+
+    schema: DatasetSchema
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.schema.class_names)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-feature count, sum and sum of squares over a site's training split.
+
+    The only data aggregate that leaves a site outside DP-SGD; see README "What leaves a site".
+    """
+
+    count: int
+    total: tuple[float, ...]
+    total_sq: tuple[float, ...]
+
+    @staticmethod
+    def of(x: torch.Tensor) -> FeatureStats:
+        x64 = x.double()
+        return FeatureStats(
+            count=len(x),
+            total=tuple(float(v) for v in x64.sum(0)),
+            total_sq=tuple(float(v) for v in (x64**2).sum(0)),
+        )
+
+    def standardization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(center, inv_scale)``: mean and 1/std, with constant features left unscaled."""
+        mean = torch.tensor(self.total, dtype=torch.float64) / self.count
+        var = torch.tensor(self.total_sq, dtype=torch.float64) / self.count - mean**2
+        std = var.clamp_min(0).sqrt()
+        inv = torch.where(std > 1e-8, 1 / std.clamp_min(1e-8), torch.ones_like(std))
+        return mean.float(), inv.float()
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            count=self.count + other.count,
+            total=tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
+            total_sq=tuple(a + b for a, b in zip(self.total_sq, other.total_sq, strict=True)),
+        )
+
+
+def schema_fingerprint(schema: DatasetSchema) -> str:
+    """A short hash of the encoded feature layout and classes; all sites must agree on it."""
+    text = "\x1f".join([*schema.encoded_feature_names, "\x1e", *schema.class_names])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@cache
+def _load(path: str, schema_path: str, test_fraction: float, split_seed: int) -> SiteData:
+    schema = load_schema(schema_path)
+    table = load_site_table(path, schema)
+    train_table, test_table = split_train_test(table, test_fraction=test_fraction, seed=split_seed)
+    logger.info(
+        "loaded %s: %d training and %d test records, %d features, %d classes",
+        table.source,
+        len(train_table),
+        len(test_table),
+        schema.num_encoded_features,
+        len(schema.class_names),
+    )
+    return SiteData(
+        schema=schema,
+        x_train=torch.from_numpy(np.ascontiguousarray(train_table.features, dtype=np.float32)),
+        y_train=torch.from_numpy(train_table.labels.astype(np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(test_table.features, dtype=np.float32)),
+        y_test=torch.from_numpy(test_table.labels.astype(np.int64)),
+    )
+
+
+def load_site_data(site: SiteConfig) -> SiteData:
+    """Load and split the site's data once per process (validated against its schema)."""
+    d = site.data
+    return _load(d.path, d.schema, d.test_fraction, d.split_seed)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """A training request as the site understands it (parsed from the server's message)."""
+
+    server_round: int
+    num_rounds: int
+    settings: TrainSettings
+    dp: bool
+
+
+@dataclass
+class DPState:
+    """The site's DP state for one run: the calibrated noise and every step taken so far.
+
+    Kept in Flower's ``context.state`` between rounds so that ε is cumulative over the run.
+    """
+
+    plan: str = ""
+    noise_multiplier: float = 0.0
+    history: list[DPStep] = field(default_factory=list)
+
+
+def _plan_signature(request: RoundRequest, num_records: int) -> str:
+    s = request.settings
+    return f"rounds={request.num_rounds};epochs={s.epochs};batch={s.batch_size};n={num_records}"
+
+
+def site_train(
+    model: nn.Module,
+    data: SiteData,
+    request: RoundRequest,
+    *,
+    site: SiteConfig,
+    state: DPState,
+) -> tuple[TrainResult, float]:
+    """Train ``model`` in place for one round under the site's privacy target.
+
+    On the first round the noise multiplier is calibrated so that the **whole planned run**
+    (``num_rounds`` rounds of ``epochs`` epochs) spends at most the site's target ε. Every round
+    checks, before any record is touched, that the steps already taken plus this round's stay
+    within the target, and refuses otherwise. Returns the result and the cumulative ε after it.
+    """
+    target = site.privacy
+    if not request.dp:
+        if target.required:
+            raise PrivacyError(
+                f"site {site.name} requires differential privacy, but the server asked to train "
+                "without it (train.dp=false). Refused; the site's privacy.required setting rules."
+            )
+        logger.warning("training WITHOUT differential privacy (site allows it: privacy.required=false)")
+        result = train(model, data.x_train, data.y_train, settings=request.settings,
+                       noise_multiplier=None, generator=_generator(site, request.server_round))
+        return result, float("inf")
+
+    n = len(data.y_train)
+    sample_rate, total_steps = planned_steps(
+        num_records=n,
+        batch_size=request.settings.batch_size,
+        epochs_per_round=request.settings.epochs,
+        rounds=request.num_rounds,
+    )
+    plan = _plan_signature(request, n)
+    if not state.plan:
+        state.noise_multiplier = calibrate_noise(
+            target_epsilon=target.epsilon,
+            target_delta=target.delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=target.accountant,
+        )
+        state.plan = plan
+        logger.info(
+            "calibrated noise multiplier %.4f for epsilon %.3g, delta %.1g over %d rounds (%d steps, q=%.4f)",
+            state.noise_multiplier, target.epsilon, target.delta, request.num_rounds, total_steps, sample_rate,
+        )
+    elif plan != state.plan:
+        raise PrivacyError(
+            f"the run's plan changed mid-run ({state.plan} -> {plan}); the noise was calibrated "
+            "for the first plan. Start a new run to change rounds, epochs or batch size."
+        )
+    steps_this_round = total_steps // request.num_rounds
+    this_round = DPStep(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps_this_round)
+    after = epsilon_spent([*state.history, this_round], delta=target.delta, accountant=target.accountant)
+    if after > target.epsilon * (1 + 1e-9):
+        spent = epsilon_spent(state.history, delta=target.delta, accountant=target.accountant)
+        raise PrivacyError(
+            f"round {request.server_round} would bring site {site.name} to epsilon {after:.4g}, above "
+            f"its target {target.epsilon:g} (spent so far {spent:.4g}). Refused before training."
+        )
+    result = train(
+        model,
+        data.x_train,
+        data.y_train,
+        settings=request.settings,
+        noise_multiplier=state.noise_multiplier,
+        generator=_generator(site, request.server_round),
+    )
+    if result.steps != steps_this_round:  # pragma: no cover - a bug, never a user error
+        raise PrivacyError(f"took {result.steps} steps, accounted {steps_this_round}; refusing to send.")
+    state.history.append(this_round)
+    return result, after
+
+
+def site_evaluate(model: nn.Module, data: SiteData) -> EvalResult:
+    """Evaluate ``model`` on the site's held-out test split."""
+    return evaluate(model, data.x_test, data.y_test)
+
+
+def _generator(site: SiteConfig, server_round: int) -> torch.Generator:
+    """The site's DP randomness: from the OS unless a simulation fixed ``noise_seed``."""
+    g = torch.Generator()
+    if site.noise_seed is None:
+        g.manual_seed(secrets.randbits(63))
+    else:
+        digest = hashlib.sha256(f"{site.noise_seed}:{site.name}:{server_round}".encode()).digest()
+        g.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    return g
+
+
+def set_standardization(model: nn.Module, center: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    """Overwrite the model's :class:`~clinfed.models.Standardize` buffers."""
+    for module in model.modules():
+        if hasattr(module, "center") and hasattr(module, "inv_scale"):
+            module.center.copy_(center)  # type: ignore[operator]
+            module.inv_scale.copy_(inv_scale)  # type: ignore[operator]
+
+
+def flat_metrics(values: Mapping[str, float | int]) -> dict[str, float | int]:
+    """Metrics as plain Python numbers (MetricRecord rejects numpy scalars)."""
+    return {k: (int(v) if isinstance(v, int) else float(v)) for k, v in values.items()}

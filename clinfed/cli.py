@@ -1,0 +1,72 @@
+"""The ``clinfed`` command line.
+
+User mistakes (a bad config, bad site data, a privacy request that cannot be met) end in one line
+on stderr that says what is wrong and how to fix it, and exit status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from clinfed.errors import ClinfedError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("clinfed")
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("clinfed")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from clinfed.config import load_simulation_config  # noqa: PLC0415 - keep --help fast
+    from clinfed.server.results import format_summary  # noqa: PLC0415
+    from clinfed.simulation import run_simulated_federation  # noqa: PLC0415
+
+    config = load_simulation_config(args.config, args.overrides)
+    outcome = run_simulated_federation(config)
+    print(f"\nresults: {outcome.folder}")  # noqa: T201
+    del format_summary
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clinfed", description="Federated learning for hospitals.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a whole federation locally (Flower simulation engine)",
+        description="Run the simulated federation in CONFIG; override any key with key=value.",
+    )
+    simulate.add_argument("--config", default="conf/simulate.yaml", help="simulation config (default: %(default)s)")
+    simulate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=5 strategy.name=fedadam")
+    simulate.set_defaults(handler=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``clinfed`` command."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except ClinfedError as error:
+        print(f"clinfed: error: {error}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        print("clinfed: interrupted", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

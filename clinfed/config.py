@@ -1,0 +1,377 @@
+"""Configuration: YAML files + ``key=value`` overrides, parsed once into frozen dataclasses.
+
+Two kinds of settings never mix:
+
+* **Run settings** (:class:`RunConfig`) belong to the coordinating lab: rounds, model, strategy,
+  local training hyper-parameters. They travel to the sites inside Flower messages.
+* **Site settings** (:class:`SiteConfig`) belong to a hospital: where its data is, its schema and
+  its privacy target. They are read on the site and never leave it.
+
+Everything is validated here, at the edge. Below the entry points code receives typed values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clinfed.errors import ConfigError
+
+__all__ = [
+    "FederationConfig",
+    "ModelConfig",
+    "PrivacyTarget",
+    "RunConfig",
+    "SimulationConfig",
+    "SiteConfig",
+    "SiteDataConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "load_config",
+    "load_run_config",
+    "load_simulation_config",
+    "load_site_config",
+    "to_yaml",
+]
+
+_T = TypeVar("_T")
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("rdp", "prv")
+SCALINGS = ("federated", "local", "none")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model of the registry to train, and its options."""
+
+    name: str = "logreg"
+    hidden: list[int] = field(default_factory=lambda: [32])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            all(h > 0 for h in self.hidden),
+            f"model.hidden must list positive layer widths; found {list(self.hidden)}. "
+            "Use e.g. model.hidden=[32,16].",
+        )
+        _require(
+            0.0 <= self.dropout < 1.0,
+            f"model.dropout must be in [0, 1); found {self.dropout}.",
+        )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation.
+
+    ``fedavg`` (McMahan et al., 2017), ``fedprox`` (Li et al., 2020; ``proximal_mu``) or
+    ``fedadam`` (Reddi et al., 2021; ``server_lr``, ``beta_1``, ``beta_2``, ``tau``).
+    """
+
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.05
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in STRATEGIES,
+            f"strategy.name must be one of {', '.join(STRATEGIES)}; found {self.name!r}.",
+        )
+        _require(self.proximal_mu >= 0, f"strategy.proximal_mu must be >= 0; found {self.proximal_mu}.")
+        _require(self.server_lr > 0, f"strategy.server_lr must be > 0; found {self.server_lr}.")
+        _require(0 <= self.beta_1 < 1, f"strategy.beta_1 must be in [0, 1); found {self.beta_1}.")
+        _require(0 <= self.beta_2 < 1, f"strategy.beta_2 must be in [0, 1); found {self.beta_2}.")
+        _require(self.tau > 0, f"strategy.tau must be > 0; found {self.tau}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round.
+
+    ``batch_size`` is the *expected* batch size of Poisson sampling: each record joins a step's
+    batch independently with probability ``batch_size / n_train``. ``max_grad_norm`` is the
+    per-record clipping bound of DP-SGD (the sensitivity of one step).
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    max_grad_norm: float = 1.0
+    dp: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs >= 1, f"train.local_epochs must be >= 1; found {self.local_epochs}.")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1; found {self.batch_size}.")
+        _require(self.lr > 0, f"train.lr must be > 0; found {self.lr}.")
+        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1); found {self.momentum}.")
+        _require(
+            self.max_grad_norm > 0,
+            f"train.max_grad_norm must be > 0 (it bounds each record's influence); "
+            f"found {self.max_grad_norm}.",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the coordinating lab asks of a federation (sent to the sites)."""
+
+    name: str = "demo"
+    rounds: int = 10
+    seed: int = 0
+    min_sites: int = 2
+    round_timeout_s: float = 300.0
+    scaling: str = "federated"
+    output_dir: str = "results"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"rounds must be >= 1; found {self.rounds}. Use e.g. rounds=10.")
+        _require(self.min_sites >= 1, f"min_sites must be >= 1; found {self.min_sites}.")
+        _require(
+            self.round_timeout_s > 0,
+            f"round_timeout_s must be > 0 seconds; found {self.round_timeout_s}.",
+        )
+        _require(
+            self.scaling in SCALINGS,
+            f"scaling must be one of {', '.join(SCALINGS)}; found {self.scaling!r}.",
+        )
+        _require(bool(self.name.strip()), "name must not be empty.")
+
+
+@dataclass(frozen=True)
+class PrivacyTarget:
+    """A site's (ε, δ) target for one run: the whole run, all rounds, must stay within it.
+
+    The unit of privacy is one patient record of this site's training split. ``required``
+    (default true) makes the site refuse any request to train without differential privacy.
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon > 0,
+            f"privacy.epsilon must be > 0; found {self.epsilon}. Typical clinical targets are 0.5-8.",
+        )
+        _require(
+            0 < self.delta < 1,
+            f"privacy.delta must be in (0, 1); found {self.delta}. "
+            "Use a value well below 1/n, e.g. 1e-5.",
+        )
+        _require(
+            self.accountant in ACCOUNTANTS,
+            f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; found {self.accountant!r}.",
+        )
+
+
+@dataclass(frozen=True)
+class SiteDataConfig:
+    """Where a site's data is and how it is split (held-out test split for evaluation)."""
+
+    path: str = "???"
+    schema: str = "???"
+    test_fraction: float = 0.34
+    split_seed: int = 43
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.test_fraction < 1,
+            f"data.test_fraction must be in (0, 1); found {self.test_fraction}.",
+        )
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own settings; read on the site, never sent anywhere.
+
+    ``noise_seed`` seeds the site's DP randomness (Poisson sampling and Gaussian noise). Leave it
+    unset in production: the seed is then drawn from the operating system and nobody, not even
+    the coordinating lab, can predict (and so subtract) the noise. Fix it only for reproducible
+    simulations.
+    """
+
+    name: str = "???"
+    data: SiteDataConfig = field(default_factory=SiteDataConfig)
+    privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
+    noise_seed: int | None = None
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name.strip()) and self.name.replace("-", "").replace("_", "").isalnum(),
+            f"site name must be letters, digits, '-' or '_'; found {self.name!r}.",
+        )
+        _require(self.torch_threads >= 1, f"torch_threads must be >= 1; found {self.torch_threads}.")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The simulated federation: which site configs take part and how they run."""
+
+    sites: list[str] = field(
+        default_factory=lambda: ["sites/paris.yaml", "sites/nantes.yaml", "sites/berlin.yaml"]
+    )
+    epsilon: float | None = None
+    cpus_per_site: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.sites) >= 1, "federation.sites must list at least one site config.")
+        _require(
+            self.epsilon is None or self.epsilon > 0,
+            f"federation.epsilon must be > 0 when set; found {self.epsilon}.",
+        )
+        _require(
+            self.cpus_per_site > 0,
+            f"federation.cpus_per_site must be > 0; found {self.cpus_per_site}.",
+        )
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A local simulated federation: run settings plus the simulated sites' own configs."""
+
+    run: RunConfig
+    sites: tuple[SiteConfig, ...]
+    federation: FederationConfig
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _merge(schema: type[_T], sources: Sequence[Any], where: str) -> _T:
+    """Merge ``sources`` into the structured ``schema`` and build the frozen dataclass."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *sources)
+        obj = OmegaConf.to_object(merged)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{where}: {_describe_omegaconf_error(error)}") from None
+    if not isinstance(obj, schema):  # pragma: no cover - OmegaConf guarantees the type
+        raise ConfigError(f"{where}: expected a {schema.__name__} mapping.")
+    return obj
+
+
+def _describe_omegaconf_error(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None)
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "Missing mandatory value" in text:
+        return f"required key {key!r} is not set. Add it to the config file."
+    if "Key '" in text and "not in" in text:
+        return f"unknown key {key!r}. Check its spelling against the configuration reference in README.md."
+    if key:
+        return f"invalid value for {key!r}: {text}"
+    return text
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Check the path.")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - any parse failure of a user file is a user error
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if loaded is None or not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values.")
+    return loaded
+
+
+def _dotlist(overrides: Sequence[str]) -> Any:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"command-line override {item!r} must look like key=value, e.g. rounds=5."
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"command-line overrides: {_describe_omegaconf_error(error)}") from None
+
+
+def load_config(schema: type[_T], path: str | Path | None, overrides: Sequence[str] = ()) -> _T:
+    """Load ``path`` (optional) merged with ``key=value`` ``overrides`` into ``schema``."""
+    sources: list[Any] = []
+    where = "config"
+    if path is not None:
+        sources.append(_read_yaml(Path(path)))
+        where = str(path)
+    if overrides:
+        sources.append(_dotlist(overrides))
+    return _merge(schema, sources, where)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The coordinating lab's run settings."""
+    return load_config(RunConfig, path, overrides)
+
+
+def _resolve(path_text: str, base: Path) -> str:
+    path = Path(path_text).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def load_site_config(path: str | Path, overrides: Sequence[str] = ()) -> SiteConfig:
+    """A hospital's site config; relative data/schema paths resolve against the file's folder."""
+    site = load_config(SiteConfig, path, overrides)
+    base = Path(path).resolve().parent
+    data = dataclasses.replace(
+        site.data,
+        path=_resolve(site.data.path, base),
+        schema=_resolve(site.data.schema, base),
+    )
+    return dataclasses.replace(site, data=data)
+
+
+def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> SimulationConfig:
+    """A simulated federation: run keys at the top level, simulated sites under ``federation``.
+
+    Overrides use the same keys, e.g. ``rounds=5``, ``strategy.name=fedadam`` or
+    ``federation.epsilon=0.3`` (the last one sets every simulated site's target ε; it exists in
+    simulation only — a real site's target is its own).
+    """
+    raw = _read_yaml(Path(path))
+    cli = _dotlist(overrides) if overrides else OmegaConf.create({})
+    fed_raw = [raw.get("federation", {}), cli.get("federation", {})]
+    run_raw = [OmegaConf.masked_copy(c, [k for k in c if k != "federation"]) for c in (raw, cli)]
+    run = _merge(RunConfig, run_raw, str(path))
+    federation = _merge(FederationConfig, fed_raw, f"{path} (federation)")
+    base = Path(path).resolve().parent
+    sites = []
+    for site_path in federation.sites:
+        site = load_site_config(_resolve(site_path, base))
+        if federation.epsilon is not None:
+            site = dataclasses.replace(
+                site, privacy=dataclasses.replace(site.privacy, epsilon=federation.epsilon)
+            )
+        sites.append(site)
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: site names must be unique; found {names}.")
+    return SimulationConfig(run=run, sites=tuple(sites), federation=federation)
+
+
+def to_yaml(obj: Any) -> str:
+    """The resolved config as YAML (for the results folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))

@@ -1,0 +1,240 @@
+"""The server loop: discover the sites, agree on scaling, then train and evaluate round by round.
+
+It drives any Flower current-API strategy through its four methods (``configure_train``,
+``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) and keeps what
+``Strategy.start`` does not: every site's own metrics per round, bounded waits, and the events a
+lab needs to see (a site refusing, a round without results).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from clinfed import wire
+from clinfed.client.site import FeatureStats, set_standardization
+from clinfed.config import RunConfig, to_yaml
+from clinfed.errors import ConfigError, ProtocolError
+from clinfed.models import create_model
+from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
+from clinfed.server.strategies import create_strategy
+
+__all__ = ["SiteInfo", "discover_sites", "run_federation"]
+
+logger = logging.getLogger(__name__)
+K = wire.Keys
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a site told the server about itself in the discovery query."""
+
+    node_id: int
+    name: str
+    fingerprint: str
+    num_features: int
+    num_classes: int
+    stats: FeatureStats
+
+
+def _parse_site_info(reply: Message) -> SiteInfo:
+    node = reply.metadata.src_node_id
+    try:
+        site = reply.content.config_records[wire.SITE]
+        stats = reply.content.metric_records[wire.STATS]
+        info = SiteInfo(
+            node_id=node,
+            name=str(site[K.SITE_NAME]),
+            fingerprint=str(site[K.SCHEMA_FINGERPRINT]),
+            num_features=int(site[K.NUM_FEATURES]),  # type: ignore[call-overload]
+            num_classes=int(site[K.NUM_CLASSES]),  # type: ignore[call-overload]
+            stats=FeatureStats(
+                count=int(stats[K.STATS_COUNT]),  # type: ignore[call-overload]
+                total=tuple(float(v) for v in stats[K.STATS_SUM]),  # type: ignore[union-attr]
+                total_sq=tuple(float(v) for v in stats[K.STATS_SUM_SQ]),  # type: ignore[union-attr]
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ProtocolError(f"node {node} sent a malformed site description ({error}).") from None
+    if len(info.stats.total) != info.num_features or len(info.stats.total_sq) != info.num_features:
+        raise ProtocolError(f"site {info.name} (node {node}) sent aggregates of the wrong length.")
+    return info
+
+
+def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[SiteInfo]:
+    """Ask every connected site who it is; wait at most ``timeout_s`` for ``min_sites`` of them."""
+    deadline = time.monotonic() + timeout_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < min_sites:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {len(node_ids)} site(s) connected within {timeout_s:g} s, but min_sites is "
+                f"{min_sites}. Check that the sites are running, or lower min_sites."
+            )
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    messages = [
+        Message(
+            RecordDict({wire.CONFIG: ConfigRecord({K.QUERY: wire.QUERY_SITE_INFO})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in node_ids
+    ]
+    sites: list[SiteInfo] = []
+    for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+        if reply.has_error():
+            logger.error("node %s could not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        sites.append(_parse_site_info(reply))
+    sites.sort(key=lambda s: s.name)
+    if len(sites) < min_sites:
+        raise ConfigError(
+            f"only {len(sites)} site(s) answered the discovery query ({', '.join(s.name for s in sites) or 'none'}); "
+            f"min_sites is {min_sites}. See the sites' logs."
+        )
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two connected sites share a name: {names}. Each site needs its own name.")
+    layouts = {(s.fingerprint, s.num_features, s.num_classes) for s in sites}
+    if len(layouts) != 1:
+        detail = ", ".join(f"{s.name}: {s.num_features} features/{s.num_classes} classes ({s.fingerprint})" for s in sites)
+        raise ConfigError(
+            f"the sites' data schemas disagree ({detail}). Every site must use the same schema file."
+        )
+    return sites
+
+
+def _initial_model(config: RunConfig, sites: list[SiteInfo]) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model.name,
+        num_features=sites[0].num_features,
+        num_classes=sites[0].num_classes,
+        hidden=list(config.model.hidden),
+        dropout=config.model.dropout,
+    )
+    if config.scaling == "federated":
+        pooled = sites[0].stats
+        for s in sites[1:]:
+            pooled = pooled + s.stats
+        set_standardization(model, *pooled.standardization())
+    return model
+
+
+def _train_config(config: RunConfig) -> ConfigRecord:
+    t, m = config.train, config.model
+    return ConfigRecord(
+        {
+            K.RUN_NAME: config.name,
+            K.NUM_ROUNDS: config.rounds,
+            K.LOCAL_EPOCHS: t.local_epochs,
+            K.BATCH_SIZE: t.batch_size,
+            K.LR: float(t.lr),
+            K.MOMENTUM: float(t.momentum),
+            K.MAX_GRAD_NORM: float(t.max_grad_norm),
+            K.DP: t.dp,
+            K.MODEL_NAME: m.name,
+            K.MODEL_HIDDEN: [int(h) for h in m.hidden],
+            K.MODEL_DROPOUT: float(m.dropout),
+            K.SCALING: config.scaling,
+        }
+    )
+
+
+def _record(
+    replies: Iterable[Message], server_round: int, phase: str, names: dict[int, str], result: FederationResult
+) -> list[Message]:
+    kept = list(replies)
+    for reply in kept:
+        site = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            reason = (reply.error.reason or "no reason given").strip().splitlines()
+            detail = reason[-1] if reason else "no reason given"
+            result.metrics.append(SiteRoundMetrics(server_round, site, phase, 0, math.nan, error=detail))
+            result.events.append(RoundEvent(server_round, f"{phase}-refused", f"{site}: {detail}"))
+            logger.warning("round %d %s: site %s replied with an error: %s", server_round, phase, site, detail)
+            continue
+        m = reply.content.metric_records.get(wire.METRICS, {})
+        result.metrics.append(
+            SiteRoundMetrics(
+                round=server_round,
+                site=site,
+                phase=phase,
+                num_examples=int(m.get(K.NUM_EXAMPLES, 0)),  # type: ignore[call-overload]
+                loss=float(m.get(K.TRAIN_LOSS if phase == "train" else K.LOSS, math.nan)),  # type: ignore[arg-type]
+                accuracy=float(m.get(K.ACCURACY, math.nan)),  # type: ignore[arg-type]
+                roc_auc=float(m.get(K.ROC_AUC, math.nan)),  # type: ignore[arg-type]
+                epsilon=float(m.get(K.EPSILON, math.nan)),  # type: ignore[arg-type]
+            )
+        )
+    return kept
+
+
+def _log_round(result: FederationResult, server_round: int, num_rounds: int, seconds: float) -> None:
+    parts = []
+    eps = {m.site: m.epsilon for m in result.metrics if m.round == server_round and m.phase == "train" and not m.error}
+    for m in result.metrics:
+        if m.round == server_round and m.phase == "evaluate" and not m.error:
+            parts.append(f"{m.site} acc {m.accuracy:.3f} auc {m.roc_auc:.3f} eps {eps.get(m.site, math.nan):.3g}")
+    logger.info("round %d/%d (%.1f s) | %s", server_round, num_rounds, seconds, " | ".join(parts) or "no results")
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    secure_aggregation: bool = False,
+    on_round_end: Callable[[FederationResult], None] | None = None,
+) -> FederationResult:
+    """Run ``config.rounds`` rounds of federated training with per-site evaluation."""
+    started = time.monotonic()
+    sites = discover_sites(grid, min_sites=config.min_sites, timeout_s=config.round_timeout_s)
+    names = {s.node_id: s.name for s in sites}
+    logger.info(
+        "federation of %d sites: %s (%d training records in all)",
+        len(sites), ", ".join(f"{s.name} ({s.stats.count})" for s in sites), sum(s.stats.count for s in sites),
+    )
+    model = _initial_model(config, sites)
+    arrays = ArrayRecord(model.state_dict())
+    strategy = create_strategy(config.strategy, min_sites=config.min_sites)
+    result = FederationResult(
+        run_name=config.name,
+        sites=[s.name for s in sites],
+        secure_aggregation=secure_aggregation,
+        dp=config.train.dp,
+        config_yaml=to_yaml(config),
+    )
+    result.setup_seconds = time.monotonic() - started
+    train_config = _train_config(config)
+    for server_round in range(1, config.rounds + 1):
+        round_start = time.monotonic()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        replies = _record(
+            grid.send_and_receive(messages, timeout=config.round_timeout_s), server_round, "train", names, result
+        )
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            result.events.append(RoundEvent(server_round, "no-update", "no site returned an update; model kept"))
+            logger.warning("round %d: no site returned an update; the global model is unchanged", server_round)
+        else:
+            arrays = new_arrays
+        eval_messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        eval_replies = _record(
+            grid.send_and_receive(eval_messages, timeout=config.round_timeout_s),
+            server_round, "evaluate", names, result,
+        )
+        strategy.aggregate_evaluate(server_round, eval_replies)
+        result.round_seconds.append(time.monotonic() - round_start)
+        _log_round(result, server_round, config.rounds, result.round_seconds[-1])
+        if on_round_end is not None:
+            on_round_end(result)
+    result.final_state = arrays.to_torch_state_dict()
+    return result
