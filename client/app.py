@@ -7,9 +7,7 @@ never from the run config the server sends.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -20,12 +18,10 @@ from clinfed import wire
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
     DPState,
-    FeatureStats,
     RoundRequest,
     SiteData,
     load_site_data,
     schema_fingerprint,
-    set_standardization,
     site_evaluate,
     site_train,
 )
@@ -33,6 +29,7 @@ from clinfed.client.training import TrainSettings
 from clinfed.config import SiteConfig, load_site_config
 from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
+from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.privacy.accountant import DPStep, epsilon_spent
 
 __all__ = ["SiteResolver", "app", "build_client_app", "site_from_node_config"]
@@ -236,4 +233,3 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
 app = build_client_app()
 """The deployment ClientApp (``flwr run``): site config from ``--node-config site-config=...``."""
 
-_ = (dataclasses, math)

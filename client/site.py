@@ -23,17 +23,16 @@ from clinfed.client.data import DatasetSchema, load_schema, load_site_table, spl
 from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
 from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError
+from clinfed.models.scaling import FeatureStats
 from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
 
 __all__ = [
     "DPState",
-    "FeatureStats",
     "RoundRequest",
     "SiteData",
     "load_site_data",
     "flat_metrics",
     "schema_fingerprint",
-    "set_standardization",
     "site_evaluate",
     "site_train",
 ]
@@ -58,42 +57,6 @@ class SiteData:
     @property
     def num_classes(self) -> int:
         return len(self.schema.class_names)
-
-
-@dataclass(frozen=True)
-class FeatureStats:
-    """Per-feature count, sum and sum of squares over a site's training split.
-
-    The only data aggregate that leaves a site outside DP-SGD; see README "What leaves a site".
-    """
-
-    count: int
-    total: tuple[float, ...]
-    total_sq: tuple[float, ...]
-
-    @staticmethod
-    def of(x: torch.Tensor) -> FeatureStats:
-        x64 = x.double()
-        return FeatureStats(
-            count=len(x),
-            total=tuple(float(v) for v in x64.sum(0)),
-            total_sq=tuple(float(v) for v in (x64**2).sum(0)),
-        )
-
-    def standardization(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(center, inv_scale)``: mean and 1/std, with constant features left unscaled."""
-        mean = torch.tensor(self.total, dtype=torch.float64) / self.count
-        var = torch.tensor(self.total_sq, dtype=torch.float64) / self.count - mean**2
-        std = var.clamp_min(0).sqrt()
-        inv = torch.where(std > 1e-8, 1 / std.clamp_min(1e-8), torch.ones_like(std))
-        return mean.float(), inv.float()
-
-    def __add__(self, other: FeatureStats) -> FeatureStats:
-        return FeatureStats(
-            count=self.count + other.count,
-            total=tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
-            total_sq=tuple(a + b for a, b in zip(self.total_sq, other.total_sq, strict=True)),
-        )
 
 
 def schema_fingerprint(schema: DatasetSchema) -> str:
@@ -247,14 +210,6 @@ def _generator(site: SiteConfig, server_round: int) -> torch.Generator:
         digest = hashlib.sha256(f"{site.noise_seed}:{site.name}:{server_round}".encode()).digest()
         g.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
     return g
-
-
-def set_standardization(model: nn.Module, center: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """Overwrite the model's :class:`~clinfed.models.Standardize` buffers."""
-    for module in model.modules():
-        if hasattr(module, "center") and hasattr(module, "inv_scale"):
-            module.center.copy_(center)  # type: ignore[operator]
-            module.inv_scale.copy_(inv_scale)  # type: ignore[operator]
 
 
 def flat_metrics(values: Mapping[str, float | int]) -> dict[str, float | int]:

@@ -13,15 +13,25 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context
+import random
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed.client.app import build_client_app
 from clinfed.config import SimulationConfig, SiteConfig
 from clinfed.errors import ConfigError
 from clinfed.server.app import build_server_app
+from clinfed.server.federation import run_federation
 from clinfed.server.results import FederationResult
 
-__all__ = ["SimulationOutcome", "run_simulated_federation"]
+__all__ = ["LocalGrid", "SimulationOutcome", "run_inprocess_federation", "run_simulated_federation"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +90,81 @@ def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:
     if not outcome:
         raise RuntimeError("the simulated federation ended without results; see the log above.")
     return outcome[0]
+
+
+class LocalGrid(Grid):
+    """A Flower ``Grid`` that delivers each message to a ClientApp in this process.
+
+    The same ClientApp, server loop and strategies as a real federation, minus the transport: no
+    Ray, no network. For tests and benchmarks that run many short federations; ``tox -e
+    simulate`` and the end-to-end tests use Flower's own engines. A ClientApp exception becomes an
+    error reply, as Flower's engines do.
+    """
+
+    def __init__(self, client_app: ClientApp, contexts: list[Context]) -> None:
+        self._client_app = client_app
+        self._contexts = {c.node_id: c for c in contexts}
+        self._replies: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id=contexts[0].run_id if contexts else 0)
+        self.dropped: set[int] = set()
+        """Node ids that do not answer (to simulate a site that is down)."""
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(  # noqa: D102 - deprecated in Flower; kept for the abstract interface
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._contexts if n not in self.dropped]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg.metadata.__dict__["_run_id"] = self._run.run_id
+            node = msg.metadata.dst_node_id
+            ids.append(msg.metadata.message_id)
+            if node in self.dropped or node not in self._contexts:
+                continue
+            try:
+                reply = self._client_app(msg, self._contexts[node])
+            except Exception as error:  # noqa: BLE001 - reported to the server as an error reply
+                reason = f"{type(error).__name__}: {error}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            self._replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        del timeout  # every reply is ready when push_messages returns
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess_federation(config: SimulationConfig) -> FederationResult:
+    """Run the federation in this process over a :class:`LocalGrid` (no Ray); nothing is written."""
+    sites = _SimulatedSites(config.sites)
+    client_app = build_client_app(sites)
+    rng = random.Random(config.run.seed)
+    contexts = [
+        Context(
+            run_id=1,
+            node_id=rng.getrandbits(62) + 1,
+            node_config={"partition-id": i, "num-partitions": len(config.sites)},
+            state=RecordDict(),
+            run_config={},
+        )
+        for i in range(len(config.sites))
+    ]
+    # Flower's Message constructor stamps the sender's identity from TaskIdentity; the engines
+    # set it for the ServerApp, so does this in-process one.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    return run_federation(LocalGrid(client_app, contexts), config.run)

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from clinfed import wire
-from clinfed.client.site import FeatureStats, set_standardization
+from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.config import RunConfig, to_yaml
 from clinfed.errors import ConfigError, ProtocolError
 from clinfed.models import create_model
@@ -149,6 +149,16 @@ def _train_config(config: RunConfig) -> ConfigRecord:
     )
 
 
+def _reason(raw: str | None) -> str:
+    """The site's own one-line reason out of the wrapping a Flower engine puts around it."""
+    text = (raw or "").strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    text = text.removesuffix("'>").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
+
+
 def _record(
     replies: Iterable[Message], server_round: int, phase: str, names: dict[int, str], result: FederationResult
 ) -> list[Message]:
@@ -156,8 +166,7 @@ def _record(
     for reply in kept:
         site = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         if reply.has_error():
-            reason = (reply.error.reason or "no reason given").strip().splitlines()
-            detail = reason[-1] if reason else "no reason given"
+            detail = _reason(reply.error.reason)
             result.metrics.append(SiteRoundMetrics(server_round, site, phase, 0, math.nan, error=detail))
             result.events.append(RoundEvent(server_round, f"{phase}-refused", f"{site}: {detail}"))
             logger.warning("round %d %s: site %s replied with an error: %s", server_round, phase, site, detail)
