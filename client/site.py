@@ -30,6 +30,7 @@ __all__ = [
     "DPState",
     "RoundRequest",
     "SiteData",
+    "describe_site",
     "load_site_data",
     "flat_metrics",
     "schema_fingerprint",
@@ -84,6 +85,17 @@ def _load(path: str, schema_path: str, test_fraction: float, split_seed: int) ->
         y_train=torch.from_numpy(train_table.labels.astype(np.int64)),
         x_test=torch.from_numpy(np.ascontiguousarray(test_table.features, dtype=np.float32)),
         y_test=torch.from_numpy(test_table.labels.astype(np.int64)),
+    )
+
+
+def describe_site(site: SiteConfig) -> str:
+    """Load the site's data as training would and say, in a few lines, what was found."""
+    data = load_site_data(site)
+    return (
+        f"site {site.name}: data OK — {len(data.y_train)} training and {len(data.y_test)} test "
+        f"records, {data.num_features} encoded features, classes {list(data.schema.class_names)}; "
+        f"privacy target epsilon {site.privacy.epsilon:g}, delta {site.privacy.delta:g} "
+        f"({site.privacy.accountant})"
     )
 
 

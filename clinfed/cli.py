@@ -7,35 +7,35 @@ on stderr that says what is wrong and how to fix it, and exit status 2 — no tr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
+from clinfed._logging import configure_logging, undo_opacus_root_handler
 from clinfed.errors import ClinfedError
 
 __all__ = ["main"]
 
-logger = logging.getLogger("clinfed")
-
-
-def _configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("clinfed")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from clinfed.config import load_simulation_config  # noqa: PLC0415 - keep --help fast
-    from clinfed.server.results import format_summary  # noqa: PLC0415
-    from clinfed.simulation import run_simulated_federation  # noqa: PLC0415
+    from clinfed.simulation import check_sites, run_simulated_federation  # noqa: PLC0415
 
+    undo_opacus_root_handler()
     config = load_simulation_config(args.config, args.overrides)
+    check_sites(config)  # bad site data fails here, in one line, before any process starts
     outcome = run_simulated_federation(config)
     print(f"\nresults: {outcome.folder}")  # noqa: T201
-    del format_summary
+    return 0
+
+
+def _check_site(args: argparse.Namespace) -> int:
+    from clinfed.client.site import describe_site  # noqa: PLC0415
+    from clinfed.config import load_site_config  # noqa: PLC0415
+
+    undo_opacus_root_handler()
+    site = load_site_config(args.site_config)
+    print(describe_site(site))  # noqa: T201
     return 0
 
 
@@ -51,13 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--config", default="conf/simulate.yaml", help="simulation config (default: %(default)s)")
     simulate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=5 strategy.name=fedadam")
     simulate.set_defaults(handler=_simulate)
+    check = commands.add_parser(
+        "check-site",
+        help="validate a site config and its data against the schema (sends nothing)",
+    )
+    check.add_argument("site_config", help="the site's YAML config, e.g. /etc/clinfed/site.yaml")
+    check.set_defaults(handler=_check_site)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clinfed`` command."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(verbose=args.verbose)
     try:
         return int(args.handler(args))
     except ClinfedError as error:

@@ -276,7 +276,7 @@ def _merge(schema: type[_T], sources: Sequence[Any], where: str) -> _T:
 def _describe_omegaconf_error(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or getattr(error, "key", None)
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "Missing mandatory value" in text:
+    if "issing mandatory value" in text:
         return f"required key {key!r} is not set. Add it to the config file."
     if "Key '" in text and "not in" in text:
         return f"unknown key {key!r}. Check its spelling against the configuration reference in README.md."

@@ -25,13 +25,20 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed.client.app import build_client_app
+from clinfed.client.site import describe_site
 from clinfed.config import SimulationConfig, SiteConfig
 from clinfed.errors import ConfigError
 from clinfed.server.app import build_server_app
 from clinfed.server.federation import run_federation
 from clinfed.server.results import FederationResult
 
-__all__ = ["LocalGrid", "SimulationOutcome", "run_inprocess_federation", "run_simulated_federation"]
+__all__ = [
+    "LocalGrid",
+    "SimulationOutcome",
+    "check_sites",
+    "run_inprocess_federation",
+    "run_simulated_federation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,12 @@ class _SimulatedSites:
         if not isinstance(pid, int) or not 0 <= pid < len(self.sites):
             raise ConfigError(f"simulated node has no valid partition-id ({pid!r}).")
         return self.sites[pid]
+
+
+def check_sites(config: SimulationConfig) -> None:
+    """Load every simulated site's data now, so that bad data fails before Ray starts."""
+    for site in config.sites:
+        logger.info("%s", describe_site(site))
 
 
 def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:

@@ -1,0 +1,28 @@
+"""Shared fixtures: the demo federation's configs, small enough for fast tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from clinfed.config import SimulationConfig, load_simulation_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMULATE_YAML = ROOT / "conf" / "simulate.yaml"
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+def _demo_config(*overrides: str) -> SimulationConfig:
+    return load_simulation_config(SIMULATE_YAML, list(overrides))
+
+
+@pytest.fixture
+def demo_config() -> Callable[..., SimulationConfig]:
+    """Builds the demo federation's config (Paris, Nantes, Berlin) with ``key=value`` overrides."""
+    return _demo_config
