@@ -8,29 +8,31 @@ never from the run config the server sends.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
-from clinfed import wire
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
     DPState,
     RoundRequest,
     SiteData,
+    flat_metrics,
     load_site_data,
     schema_fingerprint,
     site_evaluate,
     site_train,
 )
 from clinfed.client.training import TrainSettings
-from clinfed.config import SiteConfig, load_site_config
-from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.privacy.accountant import DPStep, epsilon_spent
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clinfed import wire
+from clinfed.config import SiteConfig, load_site_config
+from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 
 __all__ = ["SiteResolver", "app", "build_client_app", "site_from_node_config"]
 
@@ -53,31 +55,23 @@ def site_from_node_config(context: Context) -> SiteConfig:
     return load_site_config(path)
 
 
-def _get(config: ConfigRecord, key: str, kind: type) -> object:
-    if key not in config:
-        raise ProtocolError(f"the server's request lacks {key!r}; is the server running clinfed?")
-    value = config[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"the server's {key!r} must be {kind.__name__}; got {type(value).__name__}.")
-    return value
+_SERVER = "the server"
 
 
 def _request(config: ConfigRecord) -> RoundRequest:
     settings = TrainSettings(
-        epochs=int(_get(config, K.LOCAL_EPOCHS, int)),  # type: ignore[call-overload]
-        batch_size=int(_get(config, K.BATCH_SIZE, int)),  # type: ignore[call-overload]
-        lr=float(_get(config, K.LR, float)),  # type: ignore[arg-type]
-        momentum=float(_get(config, K.MOMENTUM, float)),  # type: ignore[arg-type]
-        max_grad_norm=float(_get(config, K.MAX_GRAD_NORM, float)),  # type: ignore[arg-type]
-        proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+        epochs=wire.read_int(config, K.LOCAL_EPOCHS, sender=_SERVER),
+        batch_size=wire.read_int(config, K.BATCH_SIZE, sender=_SERVER),
+        lr=wire.read_float(config, K.LR, sender=_SERVER),
+        momentum=wire.read_float(config, K.MOMENTUM, sender=_SERVER),
+        max_grad_norm=wire.read_float(config, K.MAX_GRAD_NORM, sender=_SERVER),
+        proximal_mu=wire.read_float(config, K.PROXIMAL_MU, sender=_SERVER, default=0.0),
     )
     request = RoundRequest(
-        server_round=int(_get(config, K.SERVER_ROUND, int)),  # type: ignore[call-overload]
-        num_rounds=int(_get(config, K.NUM_ROUNDS, int)),  # type: ignore[call-overload]
+        server_round=wire.read_int(config, K.SERVER_ROUND, sender=_SERVER),
+        num_rounds=wire.read_int(config, K.NUM_ROUNDS, sender=_SERVER),
         settings=settings,
-        dp=bool(_get(config, K.DP, bool)),
+        dp=wire.read_bool(config, K.DP, sender=_SERVER),
     )
     s = settings
     if min(s.epochs, s.batch_size, request.num_rounds, request.server_round) < 1 or not (
@@ -93,13 +87,12 @@ def _request(config: ConfigRecord) -> RoundRequest:
 
 
 def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> torch.nn.Module:
-    hidden = config.get(K.MODEL_HIDDEN, [])
     model = create_model(
-        str(_get(config, K.MODEL_NAME, str)),
+        wire.read_str(config, K.MODEL_NAME, sender=_SERVER),
         num_features=data.num_features,
         num_classes=data.num_classes,
-        hidden=[int(h) for h in hidden] if isinstance(hidden, list) else [],  # type: ignore[arg-type]
-        dropout=float(config.get(K.MODEL_DROPOUT, 0.0)),  # type: ignore[arg-type]
+        hidden=wire.read_ints(config, K.MODEL_HIDDEN, sender=_SERVER, default=[]),
+        dropout=wire.read_float(config, K.MODEL_DROPOUT, sender=_SERVER, default=0.0),
     )
     if arrays is None:
         raise ProtocolError("the server's request carries no model arrays.")
@@ -107,8 +100,10 @@ def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> 
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).splitlines()[0]
-        raise ProtocolError(f"the server's model does not fit this site's data layout: {first}") from None
-    if str(config.get(K.SCALING, "federated")) == "local":
+        raise ProtocolError(
+            f"the server's model does not fit this site's data layout: {first}"
+        ) from None
+    if wire.read_str(config, K.SCALING, sender=_SERVER, default="federated") == "local":
         set_standardization(model, *FeatureStats.of(data.x_train).standardization())
     return model
 
@@ -117,13 +112,19 @@ def _load_state(context: Context) -> DPState:
     record = context.state.config_records.get(_STATE)
     if record is None:
         return DPState()
-    sig, rate, steps = record["sigma"], record["rate"], record["steps"]
+    me = "this site's saved state"
+    sigmas = wire.read_floats(record, "sigma", sender=me)
+    rates = wire.read_floats(record, "rate", sender=me)
+    steps = wire.read_ints(record, "steps", sender=me)
     history = [
-        DPStep(noise_multiplier=float(a), sample_rate=float(b), steps=int(c))
-        for a, b, c in zip(sig, rate, steps, strict=True)  # type: ignore[arg-type]
+        DPStep(noise_multiplier=a, sample_rate=b, steps=c)
+        for a, b, c in zip(sigmas, rates, steps, strict=True)
     ]
     return DPState(
-        plan=str(record["plan"]), noise_multiplier=float(record["noise"]), history=history  # type: ignore[arg-type]
+        plan=wire.read_str(record, "plan", sender=me),
+        noise_multiplier=wire.read_float(record, "noise", sender=me),
+        history=history,
+        non_private_rounds=wire.read_int(record, "non-private-rounds", sender=me),
     )
 
 
@@ -135,6 +136,7 @@ def _save_state(context: Context, state: DPState) -> None:
             "sigma": [s.noise_multiplier for s in state.history],
             "rate": [s.sample_rate for s in state.history],
             "steps": [s.steps for s in state.history],
+            "non-private-rounds": state.non_private_rounds,
         }
     )
 
@@ -184,7 +186,11 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         _save_state(context, state)
         logger.info(
             "site %s round %d: trained on %d records, loss %.4f, epsilon %.4g",
-            site.name, request.server_round, result.num_examples, result.mean_loss, epsilon,
+            site.name,
+            request.server_round,
+            result.num_examples,
+            result.mean_loss,
+            epsilon,
         )
         metrics = {
             K.NUM_EXAMPLES: result.num_examples,
@@ -197,7 +203,9 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             RecordDict(
                 {
                     wire.ARRAYS: ArrayRecord(model.state_dict()),
-                    wire.METRICS: MetricRecord({k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}),
+                    wire.METRICS: MetricRecord(
+                        {k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}
+                    ),
                 }
             ),
             reply_to=msg,
@@ -212,7 +220,9 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
         result = site_evaluate(model, data)
         state = _load_state(context)
-        spent = epsilon_spent(state.history, delta=site.privacy.delta, accountant=site.privacy.accountant)
+        spent = epsilon_spent(
+            state.history, delta=site.privacy.delta, accountant=site.privacy.accountant
+        )
         metrics = {
             K.NUM_EXAMPLES: result.num_examples,
             K.LOSS: result.loss,
@@ -222,7 +232,11 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         }
         return Message(
             RecordDict(
-                {wire.METRICS: MetricRecord({k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()})}
+                {
+                    wire.METRICS: MetricRecord(
+                        {k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}
+                    )
+                }
             ),
             reply_to=msg,
         )
@@ -232,4 +246,3 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
 
 app = build_client_app()
 """The deployment ClientApp (``flwr run``): site config from ``--node-config site-config=...``."""
-

@@ -9,6 +9,7 @@ and checked again by :func:`clinfed.client.mods.egress_guard_mod`.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import secrets
 from collections.abc import Mapping
@@ -17,22 +18,21 @@ from functools import cache
 
 import numpy as np
 import torch
-from torch import nn
-
 from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
 from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
+from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
+from torch import nn
+
 from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError
-from clinfed.models.scaling import FeatureStats
-from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
 
 __all__ = [
     "DPState",
     "RoundRequest",
     "SiteData",
     "describe_site",
-    "load_site_data",
     "flat_metrics",
+    "load_site_data",
     "schema_fingerprint",
     "site_evaluate",
     "site_train",
@@ -125,6 +125,7 @@ class DPState:
     plan: str = ""
     noise_multiplier: float = 0.0
     history: list[DPStep] = field(default_factory=list)
+    non_private_rounds: int = 0
 
 
 def _plan_signature(request: RoundRequest, num_records: int) -> str:
@@ -154,10 +155,19 @@ def site_train(
                 f"site {site.name} requires differential privacy, but the server asked to train "
                 "without it (train.dp=false). Refused; the site's privacy.required setting rules."
             )
-        logger.warning("training WITHOUT differential privacy (site allows it: privacy.required=false)")
-        result = train(model, data.x_train, data.y_train, settings=request.settings,
-                       noise_multiplier=None, generator=_generator(site, request.server_round))
-        return result, float("inf")
+        logger.warning(
+            "training WITHOUT differential privacy (site allows it: privacy.required=false)"
+        )
+        result = train(
+            model,
+            data.x_train,
+            data.y_train,
+            settings=request.settings,
+            noise_multiplier=None,
+            generator=_generator(site, request.server_round),
+        )
+        state.non_private_rounds += 1
+        return result, math.inf
 
     n = len(data.y_train)
     sample_rate, total_steps = planned_steps(
@@ -178,7 +188,12 @@ def site_train(
         state.plan = plan
         logger.info(
             "calibrated noise multiplier %.4f for epsilon %.3g, delta %.1g over %d rounds (%d steps, q=%.4f)",
-            state.noise_multiplier, target.epsilon, target.delta, request.num_rounds, total_steps, sample_rate,
+            state.noise_multiplier,
+            target.epsilon,
+            target.delta,
+            request.num_rounds,
+            total_steps,
+            sample_rate,
         )
     elif plan != state.plan:
         raise PrivacyError(
@@ -186,8 +201,12 @@ def site_train(
             "for the first plan. Start a new run to change rounds, epochs or batch size."
         )
     steps_this_round = total_steps // request.num_rounds
-    this_round = DPStep(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps_this_round)
-    after = epsilon_spent([*state.history, this_round], delta=target.delta, accountant=target.accountant)
+    this_round = DPStep(
+        noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps_this_round
+    )
+    after = epsilon_spent(
+        [*state.history, this_round], delta=target.delta, accountant=target.accountant
+    )
     if after > target.epsilon * (1 + 1e-9):
         spent = epsilon_spent(state.history, delta=target.delta, accountant=target.accountant)
         raise PrivacyError(
@@ -203,7 +222,9 @@ def site_train(
         generator=_generator(site, request.server_round),
     )
     if result.steps != steps_this_round:  # pragma: no cover - a bug, never a user error
-        raise PrivacyError(f"took {result.steps} steps, accounted {steps_this_round}; refusing to send.")
+        raise PrivacyError(
+            f"took {result.steps} steps, accounted {steps_this_round}; refusing to send."
+        )
     state.history.append(this_round)
     return result, after
 
@@ -224,6 +245,6 @@ def _generator(site: SiteConfig, server_round: int) -> torch.Generator:
     return g
 
 
-def flat_metrics(values: Mapping[str, float | int]) -> dict[str, float | int]:
-    """Metrics as plain Python numbers (MetricRecord rejects numpy scalars)."""
+def flat_metrics(values: Mapping[str, float | int]) -> dict[str, int | float]:
+    """Metrics as plain Python ``int``/``float`` (MetricRecord rejects numpy scalars)."""
     return {k: (int(v) if isinstance(v, int) else float(v)) for k, v in values.items()}

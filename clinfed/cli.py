@@ -16,7 +16,6 @@ from clinfed.errors import ClinfedError
 __all__ = ["main"]
 
 
-
 def _simulate(args: argparse.Namespace) -> int:
     from clinfed.config import load_simulation_config  # noqa: PLC0415 - keep --help fast
     from clinfed.simulation import check_sites, run_simulated_federation  # noqa: PLC0415
@@ -25,7 +24,7 @@ def _simulate(args: argparse.Namespace) -> int:
     config = load_simulation_config(args.config, args.overrides)
     check_sites(config)  # bad site data fails here, in one line, before any process starts
     outcome = run_simulated_federation(config)
-    print(f"\nresults: {outcome.folder}")  # noqa: T201
+    print(f"\nresults: {outcome.folder}")
     return 0
 
 
@@ -35,12 +34,14 @@ def _check_site(args: argparse.Namespace) -> int:
 
     undo_opacus_root_handler()
     site = load_site_config(args.site_config)
-    print(describe_site(site))  # noqa: T201
+    print(describe_site(site))
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clinfed", description="Federated learning for hospitals.")
+    parser = argparse.ArgumentParser(
+        prog="clinfed", description="Federated learning for hospitals."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     simulate = commands.add_parser(
@@ -48,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run a whole federation locally (Flower simulation engine)",
         description="Run the simulated federation in CONFIG; override any key with key=value.",
     )
-    simulate.add_argument("--config", default="conf/simulate.yaml", help="simulation config (default: %(default)s)")
-    simulate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rounds=5 strategy.name=fedadam")
+    simulate.add_argument(
+        "--config", default="conf/simulate.yaml", help="simulation config (default: %(default)s)"
+    )
+    simulate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. rounds=5 strategy.name=fedadam"
+    )
     simulate.set_defaults(handler=_simulate)
     check = commands.add_parser(
         "check-site",
@@ -67,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ClinfedError as error:
-        print(f"clinfed: error: {error}", file=sys.stderr)  # noqa: T201
+        print(f"clinfed: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clinfed: interrupted", file=sys.stderr)  # noqa: T201
+        print("clinfed: interrupted", file=sys.stderr)
         return 130
 
 

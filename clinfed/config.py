@@ -92,7 +92,9 @@ class StrategyConfig:
             self.name in STRATEGIES,
             f"strategy.name must be one of {', '.join(STRATEGIES)}; found {self.name!r}.",
         )
-        _require(self.proximal_mu >= 0, f"strategy.proximal_mu must be >= 0; found {self.proximal_mu}.")
+        _require(
+            self.proximal_mu >= 0, f"strategy.proximal_mu must be >= 0; found {self.proximal_mu}."
+        )
         _require(self.server_lr > 0, f"strategy.server_lr must be > 0; found {self.server_lr}.")
         _require(0 <= self.beta_1 < 1, f"strategy.beta_1 must be in [0, 1); found {self.beta_1}.")
         _require(0 <= self.beta_2 < 1, f"strategy.beta_2 must be in [0, 1); found {self.beta_2}.")
@@ -116,10 +118,14 @@ class TrainConfig:
     dp: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.local_epochs >= 1, f"train.local_epochs must be >= 1; found {self.local_epochs}.")
+        _require(
+            self.local_epochs >= 1, f"train.local_epochs must be >= 1; found {self.local_epochs}."
+        )
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1; found {self.batch_size}.")
         _require(self.lr > 0, f"train.lr must be > 0; found {self.lr}.")
-        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1); found {self.momentum}.")
+        _require(
+            0 <= self.momentum < 1, f"train.momentum must be in [0, 1); found {self.momentum}."
+        )
         _require(
             self.max_grad_norm > 0,
             f"train.max_grad_norm must be > 0 (it bounds each record's influence); "
@@ -222,7 +228,9 @@ class SiteConfig:
             bool(self.name.strip()) and self.name.replace("-", "").replace("_", "").isalnum(),
             f"site name must be letters, digits, '-' or '_'; found {self.name!r}.",
         )
-        _require(self.torch_threads >= 1, f"torch_threads must be >= 1; found {self.torch_threads}.")
+        _require(
+            self.torch_threads >= 1, f"torch_threads must be >= 1; found {self.torch_threads}."
+        )
 
 
 @dataclass(frozen=True)
@@ -354,7 +362,9 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
     raw = _read_yaml(Path(path))
     cli = _dotlist(overrides) if overrides else OmegaConf.create({})
     fed_raw = [raw.get("federation", {}), cli.get("federation", {})]
-    run_raw = [OmegaConf.masked_copy(c, [k for k in c if k != "federation"]) for c in (raw, cli)]
+    run_raw = [
+        OmegaConf.masked_copy(c, [str(k) for k in c if k != "federation"]) for c in (raw, cli)
+    ]
     run = _merge(RunConfig, run_raw, str(path))
     federation = _merge(FederationConfig, fed_raw, f"{path} (federation)")
     base = Path(path).resolve().parent

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-
 import random
 import uuid
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed.client.app import build_client_app
@@ -129,8 +128,13 @@ class LocalGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(  # noqa: D102 - deprecated in Flower; kept for the abstract interface
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
@@ -150,14 +154,18 @@ class LocalGrid(Grid):
                 reply = self._client_app(msg, self._contexts[node])
             except Exception as error:  # noqa: BLE001 - reported to the server as an error reply
                 reason = f"{type(error).__name__}: {error}"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+                )
             self._replies[msg.metadata.message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         del timeout  # every reply is ready when push_messages returns
         return self.pull_messages(self.push_messages(messages))
 

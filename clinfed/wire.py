@@ -10,7 +10,10 @@ the site's egress guard lets out (see :mod:`clinfed.client.mods`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
+
+from clinfed.errors import ProtocolError
 
 __all__ = [
     "ARRAYS",
@@ -22,6 +25,12 @@ __all__ = [
     "STATS",
     "TRAIN_METRIC_KEYS",
     "Keys",
+    "read_bool",
+    "read_float",
+    "read_floats",
+    "read_int",
+    "read_ints",
+    "read_str",
 ]
 
 # ------------------------------------------------------------------ record names in a RecordDict
@@ -83,3 +92,84 @@ TRAIN_METRIC_KEYS: Final = frozenset(
 EVALUATE_METRIC_KEYS: Final = frozenset(
     {Keys.NUM_EXAMPLES, Keys.LOSS, Keys.ACCURACY, Keys.ROC_AUC, Keys.EPSILON}
 )
+
+
+# ------------------------------------------------------------------ typed, checked reads
+# Flower records hold unions of scalars and lists; every read of a value that crossed the network
+# goes through one of these, which check the type and name the sender on failure.
+
+RecordLike = Mapping[str, object]
+
+
+def _fetch(record: RecordLike, key: str, sender: str) -> object:
+    if key not in record:
+        raise ProtocolError(f"{sender} sent a message without {key!r}.")
+    return record[key]
+
+
+def read_int(record: RecordLike, key: str, *, sender: str) -> int:
+    """``record[key]`` as an int (bools refused)."""
+    value = _fetch(record, key, sender)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(
+            f"{sender} sent {key!r} as {type(value).__name__}; expected an integer."
+        )
+    return value
+
+
+def read_float(record: RecordLike, key: str, *, sender: str, default: float | None = None) -> float:
+    """``record[key]`` as a float (ints accepted; bools refused)."""
+    if default is not None and key not in record:
+        return default
+    value = _fetch(record, key, sender)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"{sender} sent {key!r} as {type(value).__name__}; expected a number.")
+    return float(value)
+
+
+def read_str(record: RecordLike, key: str, *, sender: str, default: str | None = None) -> str:
+    """``record[key]`` as a str."""
+    if default is not None and key not in record:
+        return default
+    value = _fetch(record, key, sender)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{sender} sent {key!r} as {type(value).__name__}; expected text.")
+    return value
+
+
+def read_bool(record: RecordLike, key: str, *, sender: str) -> bool:
+    """``record[key]`` as a bool."""
+    value = _fetch(record, key, sender)
+    if not isinstance(value, bool):
+        raise ProtocolError(
+            f"{sender} sent {key!r} as {type(value).__name__}; expected true/false."
+        )
+    return value
+
+
+def read_floats(record: RecordLike, key: str, *, sender: str) -> list[float]:
+    """``record[key]`` as a list of finite-or-not floats (ints accepted)."""
+    value = _fetch(record, key, sender)
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ProtocolError(
+            f"{sender} sent {key!r} as {type(value).__name__}; expected a list of numbers."
+        )
+    return [float(v) for v in value]
+
+
+def read_ints(
+    record: RecordLike, key: str, *, sender: str, default: list[int] | None = None
+) -> list[int]:
+    """``record[key]`` as a list of ints."""
+    if default is not None and key not in record:
+        return list(default)
+    value = _fetch(record, key, sender)
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ProtocolError(
+            f"{sender} sent {key!r} as {type(value).__name__}; expected a list of integers."
+        )
+    return list(value)

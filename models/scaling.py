@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from clinfed.models.tabular import Standardize
+from torch import nn
 
 __all__ = ["FeatureStats", "set_standardization"]
 
@@ -54,6 +53,7 @@ class FeatureStats:
             total=tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
             total_sq=tuple(a + b for a, b in zip(self.total_sq, other.total_sq, strict=True)),
         )
+
 
 def set_standardization(model: nn.Module, center: torch.Tensor, inv_scale: torch.Tensor) -> None:
     """Overwrite the model's :class:`~clinfed.models.Standardize` buffers."""

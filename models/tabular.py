@@ -9,9 +9,8 @@ carries its own preprocessing.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from clinfed.models.registry import register_model
+from torch import nn
 
 __all__ = ["MLP", "LogisticRegression", "Standardize", "output_size"]
 
@@ -45,7 +44,8 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(num_features, output_size(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.standardize(x))
+        out: torch.Tensor = self.linear(self.standardize(x))
+        return out
 
 
 class MLP(nn.Module):
@@ -67,7 +67,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.standardize(x))
+        out: torch.Tensor = self.layers(self.standardize(x))
+        return out
 
 
 @register_model("logreg")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
+from clinfed.models.registry import register_model
+from clinfed.models.tabular import output_size
 from torch import nn
 
 from clinfed.errors import ConfigError
-from clinfed.models.registry import register_model
-from clinfed.models.tabular import output_size
 
 __all__ = ["SmallCNN"]
 
@@ -42,7 +42,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, self.channels, self.side, self.side)
-        return self.head(self.features(x).flatten(1))
+        out: torch.Tensor = self.head(self.features(x).flatten(1))
+        return out
 
 
 @register_model("cnn")
@@ -53,7 +54,9 @@ def _cnn(*, num_features: int, num_classes: int, hidden: list[int], dropout: flo
         if num_features % channels == 0 and side * side * channels == num_features and side >= 8:
             width = hidden[0] if hidden else 16
             if width % 4:
-                raise ConfigError(f"cnn width (model.hidden[0]) must be a multiple of 4; found {width}.")
+                raise ConfigError(
+                    f"cnn width (model.hidden[0]) must be a multiple of 4; found {width}."
+                )
             return SmallCNN(channels, side, num_classes, width)
     raise ConfigError(
         f"the cnn model needs square images of 1 or 3 channels, side >= 8, given as "

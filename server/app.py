@@ -7,12 +7,12 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from clinfed.server.federation import run_federation
+from clinfed.server.results import FederationResult, format_summary, write_results
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clinfed.config import RunConfig, load_run_config
-from clinfed.server.federation import run_federation
-from clinfed.server.results import FederationResult, format_summary, write_results
 
 __all__ = ["app", "build_server_app", "run_config_from_context"]
 
@@ -44,7 +44,7 @@ def build_server_app(
         result = run_federation(grid, run, secure_aggregation=secure_aggregation)
         folder = write_results(result, run.output_dir)
         logger.info("results written to %s", folder)
-        print(format_summary(result), end="", flush=True)  # noqa: T201 - the run's summary table
+        print(format_summary(result), end="", flush=True)
         if on_result is not None:
             on_result(result, folder)
 

@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from clinfed.models import create_model
+from clinfed.models.scaling import FeatureStats, set_standardization
+from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
+from clinfed.server.strategies import create_strategy
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from clinfed import wire
-from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.config import RunConfig, to_yaml
 from clinfed.errors import ConfigError, ProtocolError
-from clinfed.models import create_model
-from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
-from clinfed.server.strategies import create_strategy
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
 
@@ -45,26 +45,25 @@ class SiteInfo:
 
 
 def _parse_site_info(reply: Message) -> SiteInfo:
-    node = reply.metadata.src_node_id
-    try:
-        site = reply.content.config_records[wire.SITE]
-        stats = reply.content.metric_records[wire.STATS]
-        info = SiteInfo(
-            node_id=node,
-            name=str(site[K.SITE_NAME]),
-            fingerprint=str(site[K.SCHEMA_FINGERPRINT]),
-            num_features=int(site[K.NUM_FEATURES]),  # type: ignore[call-overload]
-            num_classes=int(site[K.NUM_CLASSES]),  # type: ignore[call-overload]
-            stats=FeatureStats(
-                count=int(stats[K.STATS_COUNT]),  # type: ignore[call-overload]
-                total=tuple(float(v) for v in stats[K.STATS_SUM]),  # type: ignore[union-attr]
-                total_sq=tuple(float(v) for v in stats[K.STATS_SUM_SQ]),  # type: ignore[union-attr]
-            ),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise ProtocolError(f"node {node} sent a malformed site description ({error}).") from None
+    who = f"node {reply.metadata.src_node_id}"
+    site = reply.content.config_records.get(wire.SITE)
+    stats = reply.content.metric_records.get(wire.STATS)
+    if site is None or stats is None:
+        raise ProtocolError(f"{who} answered the discovery query without a site description.")
+    info = SiteInfo(
+        node_id=reply.metadata.src_node_id,
+        name=wire.read_str(site, K.SITE_NAME, sender=who),
+        fingerprint=wire.read_str(site, K.SCHEMA_FINGERPRINT, sender=who),
+        num_features=wire.read_int(site, K.NUM_FEATURES, sender=who),
+        num_classes=wire.read_int(site, K.NUM_CLASSES, sender=who),
+        stats=FeatureStats(
+            count=wire.read_int(stats, K.STATS_COUNT, sender=who),
+            total=tuple(wire.read_floats(stats, K.STATS_SUM, sender=who)),
+            total_sq=tuple(wire.read_floats(stats, K.STATS_SUM_SQ, sender=who)),
+        ),
+    )
     if len(info.stats.total) != info.num_features or len(info.stats.total_sq) != info.num_features:
-        raise ProtocolError(f"site {info.name} (node {node}) sent aggregates of the wrong length.")
+        raise ProtocolError(f"site {info.name} ({who}) sent aggregates of the wrong length.")
     return info
 
 
@@ -91,7 +90,11 @@ def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[Site
     sites: list[SiteInfo] = []
     for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
         if reply.has_error():
-            logger.error("node %s could not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            logger.error(
+                "node %s could not describe itself: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
             continue
         sites.append(_parse_site_info(reply))
     sites.sort(key=lambda s: s.name)
@@ -102,10 +105,15 @@ def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[Site
         )
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
-        raise ConfigError(f"two connected sites share a name: {names}. Each site needs its own name.")
+        raise ConfigError(
+            f"two connected sites share a name: {names}. Each site needs its own name."
+        )
     layouts = {(s.fingerprint, s.num_features, s.num_classes) for s in sites}
     if len(layouts) != 1:
-        detail = ", ".join(f"{s.name}: {s.num_features} features/{s.num_classes} classes ({s.fingerprint})" for s in sites)
+        detail = ", ".join(
+            f"{s.name}: {s.num_features} features/{s.num_classes} classes ({s.fingerprint})"
+            for s in sites
+        )
         raise ConfigError(
             f"the sites' data schemas disagree ({detail}). Every site must use the same schema file."
         )
@@ -160,40 +168,65 @@ def _reason(raw: str | None) -> str:
 
 
 def _record(
-    replies: Iterable[Message], server_round: int, phase: str, names: dict[int, str], result: FederationResult
+    replies: Iterable[Message],
+    server_round: int,
+    phase: str,
+    names: dict[int, str],
+    result: FederationResult,
 ) -> list[Message]:
     kept = list(replies)
     for reply in kept:
         site = names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         if reply.has_error():
             detail = _reason(reply.error.reason)
-            result.metrics.append(SiteRoundMetrics(server_round, site, phase, 0, math.nan, error=detail))
+            result.metrics.append(
+                SiteRoundMetrics(server_round, site, phase, 0, math.nan, error=detail)
+            )
             result.events.append(RoundEvent(server_round, f"{phase}-refused", f"{site}: {detail}"))
-            logger.warning("round %d %s: site %s replied with an error: %s", server_round, phase, site, detail)
+            logger.warning(
+                "round %d %s: site %s replied with an error: %s", server_round, phase, site, detail
+            )
             continue
-        m = reply.content.metric_records.get(wire.METRICS, {})
+        m = reply.content.metric_records.get(wire.METRICS, MetricRecord())
+        who = f"site {site}"
         result.metrics.append(
             SiteRoundMetrics(
                 round=server_round,
                 site=site,
                 phase=phase,
-                num_examples=int(m.get(K.NUM_EXAMPLES, 0)),  # type: ignore[call-overload]
-                loss=float(m.get(K.TRAIN_LOSS if phase == "train" else K.LOSS, math.nan)),  # type: ignore[arg-type]
-                accuracy=float(m.get(K.ACCURACY, math.nan)),  # type: ignore[arg-type]
-                roc_auc=float(m.get(K.ROC_AUC, math.nan)),  # type: ignore[arg-type]
-                epsilon=float(m.get(K.EPSILON, math.nan)),  # type: ignore[arg-type]
+                num_examples=wire.read_int(m, K.NUM_EXAMPLES, sender=who),
+                loss=wire.read_float(
+                    m, K.TRAIN_LOSS if phase == "train" else K.LOSS, sender=who, default=math.nan
+                ),
+                accuracy=wire.read_float(m, K.ACCURACY, sender=who, default=math.nan),
+                roc_auc=wire.read_float(m, K.ROC_AUC, sender=who, default=math.nan),
+                epsilon=wire.read_float(m, K.EPSILON, sender=who, default=math.nan),
             )
         )
     return kept
 
 
-def _log_round(result: FederationResult, server_round: int, num_rounds: int, seconds: float) -> None:
+def _log_round(
+    result: FederationResult, server_round: int, num_rounds: int, seconds: float
+) -> None:
     parts = []
-    eps = {m.site: m.epsilon for m in result.metrics if m.round == server_round and m.phase == "train" and not m.error}
+    eps = {
+        m.site: m.epsilon
+        for m in result.metrics
+        if m.round == server_round and m.phase == "train" and not m.error
+    }
     for m in result.metrics:
         if m.round == server_round and m.phase == "evaluate" and not m.error:
-            parts.append(f"{m.site} acc {m.accuracy:.3f} auc {m.roc_auc:.3f} eps {eps.get(m.site, math.nan):.3g}")
-    logger.info("round %d/%d (%.1f s) | %s", server_round, num_rounds, seconds, " | ".join(parts) or "no results")
+            parts.append(
+                f"{m.site} acc {m.accuracy:.3f} auc {m.roc_auc:.3f} eps {eps.get(m.site, math.nan):.3g}"
+            )
+    logger.info(
+        "round %d/%d (%.1f s) | %s",
+        server_round,
+        num_rounds,
+        seconds,
+        " | ".join(parts) or "no results",
+    )
 
 
 def run_federation(
@@ -209,7 +242,9 @@ def run_federation(
     names = {s.node_id: s.name for s in sites}
     logger.info(
         "federation of %d sites: %s (%d training records in all)",
-        len(sites), ", ".join(f"{s.name} ({s.stats.count})" for s in sites), sum(s.stats.count for s in sites),
+        len(sites),
+        ", ".join(f"{s.name} ({s.stats.count})" for s in sites),
+        sum(s.stats.count for s in sites),
     )
     model = _initial_model(config, sites)
     arrays = ArrayRecord(model.state_dict())
@@ -225,20 +260,35 @@ def run_federation(
     train_config = _train_config(config)
     for server_round in range(1, config.rounds + 1):
         round_start = time.monotonic()
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        messages = strategy.configure_train(
+            server_round, arrays, ConfigRecord(dict(train_config)), grid
+        )
         replies = _record(
-            grid.send_and_receive(messages, timeout=config.round_timeout_s), server_round, "train", names, result
+            grid.send_and_receive(messages, timeout=config.round_timeout_s),
+            server_round,
+            "train",
+            names,
+            result,
         )
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
-            result.events.append(RoundEvent(server_round, "no-update", "no site returned an update; model kept"))
-            logger.warning("round %d: no site returned an update; the global model is unchanged", server_round)
+            result.events.append(
+                RoundEvent(server_round, "no-update", "no site returned an update; model kept")
+            )
+            logger.warning(
+                "round %d: no site returned an update; the global model is unchanged", server_round
+            )
         else:
             arrays = new_arrays
-        eval_messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        eval_messages = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(dict(train_config)), grid
+        )
         eval_replies = _record(
             grid.send_and_receive(eval_messages, timeout=config.round_timeout_s),
-            server_round, "evaluate", names, result,
+            server_round,
+            "evaluate",
+            names,
+            result,
         )
         strategy.aggregate_evaluate(server_round, eval_replies)
         result.round_seconds.append(time.monotonic() - round_start)

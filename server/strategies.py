@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -44,33 +45,44 @@ def create_strategy(config: StrategyConfig, *, min_sites: int) -> Strategy:
     return _STRATEGIES[config.name](config, min_sites)
 
 
-def _common(min_sites: int) -> dict[str, object]:
-    return {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 1.0,
-        "min_train_nodes": min_sites,
-        "min_evaluate_nodes": min_sites,
-        "min_available_nodes": min_sites,
-        "weighted_by_key": wire.Keys.NUM_EXAMPLES,
-        "arrayrecord_key": wire.ARRAYS,
-        "configrecord_key": wire.CONFIG,
-    }
+class _Common(TypedDict):
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+    arrayrecord_key: str
+    configrecord_key: str
+
+
+def _common(min_sites: int) -> _Common:
+    return _Common(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_sites,
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=min_sites,
+        weighted_by_key=wire.Keys.NUM_EXAMPLES,
+        arrayrecord_key=wire.ARRAYS,
+        configrecord_key=wire.CONFIG,
+    )
 
 
 @register_strategy("fedavg")
 def _fedavg(config: StrategyConfig, min_sites: int) -> Strategy:
     del config
-    return FedAvg(**_common(min_sites))  # type: ignore[arg-type]
+    return FedAvg(**_common(min_sites))
 
 
 @register_strategy("fedprox")
 def _fedprox(config: StrategyConfig, min_sites: int) -> Strategy:
-    return FedProx(proximal_mu=config.proximal_mu, **_common(min_sites))  # type: ignore[arg-type]
+    return FedProx(proximal_mu=config.proximal_mu, **_common(min_sites))
 
 
 @register_strategy("fedadam")
 def _fedadam(config: StrategyConfig, min_sites: int) -> Strategy:
-    return FedAdam(  # type: ignore[arg-type]
+    return FedAdam(
         eta=config.server_lr,
         beta_1=config.beta_1,
         beta_2=config.beta_2,

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clinfed.config import load_run_config, load_site_config
+from clinfed.config import SimulationConfig, load_run_config, load_site_config
 from clinfed.errors import ConfigError
-from clinfed.config import SimulationConfig
 
 Demo = Callable[..., SimulationConfig]
 
@@ -76,7 +75,7 @@ def test_site_config_without_data_path_names_the_key(tmp_path: Path) -> None:
     site = tmp_path / "site.yaml"
     site.write_text("name: paris\n")
 
-    with pytest.raises(ConfigError, match="required key 'data.path'"):
+    with pytest.raises(ConfigError, match=r"required key 'data\.path'"):
         load_site_config(site)
 
 

@@ -17,7 +17,9 @@ def _ray_processes() -> list[str]:
     return [line for line in done.stdout.splitlines() if "raylet" in line or "gcs_server" in line]
 
 
-def test_simulate_prints_a_per_site_table_and_leaves_nothing_running(repo_root: Path, tmp_path: Path) -> None:
+def test_simulate_prints_a_per_site_table_and_leaves_nothing_running(
+    repo_root: Path, tmp_path: Path
+) -> None:
     before = _ray_processes()
 
     done = subprocess.run(

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import torch
+from clinfed.client.mods import egress_guard_mod
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed import wire
-from clinfed.client.mods import egress_guard_mod
 from clinfed.errors import PrivacyError
 
 
@@ -19,7 +27,9 @@ def _identity() -> None:
 
 def _request(kind: str = MessageType.TRAIN) -> Message:
     msg = Message(
-        RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.zeros(2, 3)}), wire.CONFIG: ConfigRecord({})}),
+        RecordDict(
+            {wire.ARRAYS: ArrayRecord({"w": torch.zeros(2, 3)}), wire.CONFIG: ConfigRecord({})}
+        ),
         dst_node_id=7,
         message_type=kind,
     )
@@ -40,7 +50,9 @@ def _good_metrics() -> MetricRecord:
 
 
 def test_a_well_formed_reply_passes() -> None:
-    content = RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}), wire.METRICS: _good_metrics()})
+    content = RecordDict(
+        {wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}), wire.METRICS: _good_metrics()}
+    )
 
     reply = egress_guard_mod(_request(), _context(), _handler(content))
 
@@ -51,28 +63,46 @@ def test_a_well_formed_reply_passes() -> None:
     ("content", "reason"),
     [
         (
-            RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}),
-                        wire.METRICS: MetricRecord({"num-examples": 10, "patient-age": 63.0})}),
+            RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}),
+                    wire.METRICS: MetricRecord({"num-examples": 10, "patient-age": 63.0}),
+                }
+            ),
             "not on the whitelist",
         ),
         (
-            RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(5, 3)}), wire.METRICS: _good_metrics()}),
+            RecordDict(
+                {wire.ARRAYS: ArrayRecord({"w": torch.ones(5, 3)}), wire.METRICS: _good_metrics()}
+            ),
             "differ in names, shapes or dtypes",
         ),
         (
-            RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3),
-                                                  "rows": torch.ones(199, 16)}),
-                        wire.METRICS: _good_metrics()}),
+            RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3), "rows": torch.ones(199, 16)}),
+                    wire.METRICS: _good_metrics(),
+                }
+            ),
             "differ in names, shapes or dtypes",
         ),
         (
-            RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}), wire.METRICS: _good_metrics(),
-                        "debug": ConfigRecord({"ids": ["a", "b"]})}),
+            RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}),
+                    wire.METRICS: _good_metrics(),
+                    "debug": ConfigRecord({"ids": ["a", "b"]}),
+                }
+            ),
             "record 'debug' may not leave",
         ),
         (
-            RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}),
-                        wire.METRICS: MetricRecord({"num-examples": 10, "epsilon": [0.1, 0.2]})}),
+            RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}),
+                    wire.METRICS: MetricRecord({"num-examples": 10, "epsilon": [0.1, 0.2]}),
+                }
+            ),
             "must be one scalar",
         ),
     ],
@@ -83,7 +113,9 @@ def test_anything_else_is_refused(content: RecordDict, reason: str) -> None:
 
 
 def test_evaluate_replies_may_not_carry_arrays() -> None:
-    content = RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}), wire.METRICS: _good_metrics()})
+    content = RecordDict(
+        {wire.ARRAYS: ArrayRecord({"w": torch.ones(2, 3)}), wire.METRICS: _good_metrics()}
+    )
 
     with pytest.raises(PrivacyError, match="record 'arrays' may not leave"):
         egress_guard_mod(_request(MessageType.EVALUATE), _context(), _handler(content))

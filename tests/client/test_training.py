@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from clinfed.client.metrics import roc_auc
 from clinfed.client.training import TrainSettings, evaluate, train
 from clinfed.models import create_model
@@ -30,7 +29,14 @@ def _trained(noise: float | None, seed: int, **kw: float) -> torch.Tensor:
     torch.manual_seed(0)
     model = create_model("logreg", num_features=6, num_classes=2)
     x, y = _data()
-    train(model, x, y, settings=_settings(**kw), noise_multiplier=noise, generator=torch.Generator().manual_seed(seed))
+    train(
+        model,
+        x,
+        y,
+        settings=_settings(**kw),
+        noise_multiplier=noise,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -39,7 +45,14 @@ def test_plain_training_learns() -> None:
     model = create_model("logreg", num_features=6, num_classes=2)
     x, y = _data()
 
-    train(model, x, y, settings=_settings(epochs=5), noise_multiplier=None, generator=torch.Generator().manual_seed(0))
+    train(
+        model,
+        x,
+        y,
+        settings=_settings(epochs=5),
+        noise_multiplier=None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     assert evaluate(model, x, y).accuracy > 0.9
 
@@ -74,7 +87,9 @@ def test_each_record_is_clipped() -> None:
     y = torch.zeros(1, dtype=torch.long)
 
     train(
-        model, x, y,
+        model,
+        x,
+        y,
         settings=TrainSettings(epochs=1, batch_size=1, lr=1.0, max_grad_norm=0.5),
         noise_multiplier=1e-9,
         generator=torch.Generator().manual_seed(0),
@@ -92,7 +107,9 @@ def test_empty_poisson_batches_still_add_noise() -> None:
 
     # q = 1/100 of 2 records: nearly every step's batch is empty
     result = train(
-        model, x, y,
+        model,
+        x,
+        y,
         settings=TrainSettings(epochs=1, batch_size=1, lr=0.1, max_grad_norm=1.0),
         noise_multiplier=5.0,
         generator=torch.Generator().manual_seed(3),

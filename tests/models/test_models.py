@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clinfed.client.training import TrainSettings, evaluate, train
+from clinfed.models import create_model, register_model, registered_models
 from opacus.validators import ModuleValidator
 
-from clinfed.client.training import TrainSettings, evaluate, train
 from clinfed.errors import ConfigError
-from clinfed.models import create_model, register_model, registered_models
 
 # (num_features, num_classes) per model: tabular binary and multi-class; a 1x16x16 image.
 SHAPES = {"logreg": [(16, 2), (16, 5)], "mlp": [(16, 2), (16, 5)], "cnn": [(256, 2), (256, 3)]}
@@ -38,7 +38,9 @@ def test_model_trains_with_dp_and_keeps_its_parameter_names(
     y = torch.randint(0, num_classes, (40,))
 
     result = train(
-        model, x, y,
+        model,
+        x,
+        y,
         settings=TrainSettings(epochs=1, batch_size=8, lr=0.1, max_grad_norm=1.0),
         noise_multiplier=1.0,
         generator=torch.Generator().manual_seed(0),
@@ -52,7 +54,7 @@ def test_model_trains_with_dp_and_keeps_its_parameter_names(
 
 
 def test_unknown_model_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="model.name must be one of .*logreg"):
+    with pytest.raises(ConfigError, match=r"model\.name must be one of .*logreg"):
         create_model("resnet", num_features=3, num_classes=2)
 
 

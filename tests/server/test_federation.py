@@ -7,14 +7,14 @@ import math
 from collections.abc import Callable, Iterable
 
 import pytest
+from clinfed.client.site import load_site_data
+from clinfed.privacy.accountant import RDP_ORDERS, planned_steps
+from clinfed.server.results import FederationResult
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
 
 from clinfed import wire
-from clinfed.client.site import load_site_data
 from clinfed.config import SimulationConfig
-from clinfed.privacy.accountant import RDP_ORDERS, planned_steps
-from clinfed.server.results import FederationResult
 from clinfed.simulation import LocalGrid, run_inprocess_federation
 
 Demo = Callable[..., SimulationConfig]
@@ -24,7 +24,7 @@ SITES = ["berlin", "nantes", "paris"]
 @pytest.fixture(scope="module")
 def federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
     """Five DP rounds of the demo federation, recording every message a site sends."""
-    from tests.conftest import _demo_config  # noqa: PLC0415
+    from tests.conftest import _demo_config
 
     sent: list[tuple[Message, Message]] = []
     original = LocalGrid.push_messages
@@ -46,7 +46,9 @@ def federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
     return result, sent
 
 
-def test_every_site_has_its_own_metrics_and_auc_above_0_6(federation: tuple[FederationResult, list]) -> None:
+def test_every_site_has_its_own_metrics_and_auc_above_0_6(
+    federation: tuple[FederationResult, list],
+) -> None:
     result, _ = federation
 
     final = result.final("evaluate")
@@ -62,13 +64,15 @@ def test_every_site_has_its_own_metrics_and_auc_above_0_6(federation: tuple[Fede
 def test_reported_epsilon_equals_an_independent_opacus_accountant_and_grows(
     federation: tuple[FederationResult, list],
 ) -> None:
-    from tests.conftest import _demo_config  # noqa: PLC0415
+    from tests.conftest import _demo_config
 
-    result, sent = federation
+    _, sent = federation
     config = _demo_config("rounds=5")
     for site in config.sites:
         n = len(load_site_data(site).y_train)
-        q, total = planned_steps(num_records=n, batch_size=config.run.train.batch_size, epochs_per_round=1, rounds=5)
+        q, total = planned_steps(
+            num_records=n, batch_size=config.run.train.batch_size, epochs_per_round=1, rounds=5
+        )
         train_replies = [
             r.content.metric_records[wire.METRICS]
             for m, r in sent
@@ -80,7 +84,9 @@ def test_reported_epsilon_equals_an_independent_opacus_accountant_and_grows(
         for k, eps in enumerate(reported, start=1):
             independent = RDPAccountant()
             independent.history = [(sigma, q, total // 5 * k)]
-            assert eps == pytest.approx(independent.get_epsilon(delta=site.privacy.delta, alphas=list(RDP_ORDERS)), rel=1e-9)
+            assert eps == pytest.approx(
+                independent.get_epsilon(delta=site.privacy.delta, alphas=list(RDP_ORDERS)), rel=1e-9
+            )
         assert reported == sorted(reported) and len(set(reported)) == 5
         assert reported[-1] <= site.privacy.epsilon
 
@@ -95,9 +101,11 @@ def _site_of(reply: Message, sent: list[tuple[Message, Message]]) -> str:
     return names[reply.metadata.src_node_id]
 
 
-def test_sites_send_only_model_arrays_and_whitelisted_scalars(federation: tuple[FederationResult, list]) -> None:
+def test_sites_send_only_model_arrays_and_whitelisted_scalars(
+    federation: tuple[FederationResult, list],
+) -> None:
     _, sent = federation
-    from tests.conftest import _demo_config  # noqa: PLC0415
+    from tests.conftest import _demo_config
 
     record_counts = {len(load_site_data(s).y_train) for s in _demo_config().sites} | {
         len(load_site_data(s).y_test) for s in _demo_config().sites
@@ -124,7 +132,9 @@ def test_sites_send_only_model_arrays_and_whitelisted_scalars(federation: tuple[
             assert set(site) == {"name", "schema-fingerprint", "num-features", "num-classes"}
             stats = content.metric_records[wire.STATS]
             d = int(site["num-features"])
-            assert len(stats["sum"]) == d and len(stats["sum-sq"]) == d  # per feature, not per patient
+            assert (
+                len(stats["sum"]) == d and len(stats["sum-sq"]) == d
+            )  # per feature, not per patient
             assert d not in record_counts
         for record in content.values():
             if isinstance(record, ArrayRecord):
@@ -148,7 +158,9 @@ def test_other_strategies_run(demo_config: Demo, strategy: str) -> None:
 def test_a_site_that_requires_dp_refuses_a_non_private_request(demo_config: Demo) -> None:
     config = demo_config("rounds=1", "train.dp=false")
     relaxed = [
-        dataclasses.replace(s, privacy=dataclasses.replace(s.privacy, required=False)) if s.name != "paris" else s
+        dataclasses.replace(s, privacy=dataclasses.replace(s.privacy, required=False))
+        if s.name != "paris"
+        else s
         for s in config.sites
     ]
     config = dataclasses.replace(config, sites=tuple(relaxed))
