@@ -12,6 +12,10 @@ import math
 from collections.abc import Callable
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clinfed import wire
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
     DPState,
@@ -24,15 +28,11 @@ from clinfed.client.site import (
     site_train,
 )
 from clinfed.client.training import TrainSettings
+from clinfed.config import SiteConfig, load_site_config
+from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.privacy.accountant import DPStep, epsilon_spent
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
-from clinfed import wire
-from clinfed.config import SiteConfig, load_site_config
-from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 
 __all__ = ["SiteResolver", "app", "build_client_app", "site_from_node_config"]
 
@@ -192,7 +192,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             result.mean_loss,
             epsilon,
         )
-        metrics = {
+        metrics: dict[str, int | float] = {
             K.NUM_EXAMPLES: result.num_examples,
             K.TRAIN_LOSS: result.mean_loss,
             K.EPSILON: epsilon,
@@ -203,9 +203,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             RecordDict(
                 {
                     wire.ARRAYS: ArrayRecord(model.state_dict()),
-                    wire.METRICS: MetricRecord(
-                        {k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}
-                    ),
+                    wire.METRICS: MetricRecord(flat_metrics(metrics)),
                 }
             ),
             reply_to=msg,
@@ -220,10 +218,14 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
         result = site_evaluate(model, data)
         state = _load_state(context)
-        spent = epsilon_spent(
-            state.history, delta=site.privacy.delta, accountant=site.privacy.accountant
+        spent = (
+            math.inf  # trained without DP at least once (only where the site allows it)
+            if state.non_private_rounds
+            else epsilon_spent(
+                state.history, delta=site.privacy.delta, accountant=site.privacy.accountant
+            )
         )
-        metrics = {
+        metrics: dict[str, int | float] = {
             K.NUM_EXAMPLES: result.num_examples,
             K.LOSS: result.loss,
             K.ACCURACY: result.accuracy,
@@ -231,13 +233,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             K.EPSILON: spent,
         }
         return Message(
-            RecordDict(
-                {
-                    wire.METRICS: MetricRecord(
-                        {k: float(v) if k != K.NUM_EXAMPLES else int(v) for k, v in metrics.items()}
-                    )
-                }
-            ),
+            RecordDict({wire.METRICS: MetricRecord(flat_metrics(metrics))}),
             reply_to=msg,
         )
 

@@ -719,9 +719,15 @@ def _read_parquet(path: Path, schema: DatasetSchema) -> _Columns:
                 f"{source!r}: column {name!r} has Parquet type {arrow_type}, which clinfed does"
                 " not read; store it as numbers, text or booleans"
             )
-        cells[name] = [
-            float(value) if isinstance(value, Decimal) else value for value in column.to_pylist()
-        ]
+        try:
+            values = column.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowException):
+            # Parquet readers do not validate UTF-8; Python's decoding of a cell does.
+            raise SiteDataError(
+                f"{source!r}: column {name!r} holds text that is not valid UTF-8; export the file"
+                " again"
+            ) from None
+        cells[name] = [float(value) if isinstance(value, Decimal) else value for value in values]
     locations = [f"row {i + 1}" for i in range(table.num_rows)]
     return _Columns(cells=cells, locations=locations, extra=extra)
 
@@ -736,14 +742,20 @@ def _is_missing(cell: _Cell, spellings: frozenset[str]) -> bool:
     return False
 
 
+def _some(values: Sequence[str], limit: int = 8) -> str:
+    """Schema values for a message, cut short so that the message stays one readable line."""
+    shown = ", ".join(map(repr, values[:limit]))
+    return shown + (f", … ({len(values) - limit} more)" if len(values) > limit else "")
+
+
 def _decode_numeric(feature: Feature) -> Callable[[_Cell], tuple[float, ...] | str]:
     """A decoder returning the encoded values, or the problem (without the value) as text."""
     not_a_number = (
         "is not a number; numeric columns hold numbers — fix the cell or declare the column"
         " categorical in the schema"
     )
-    low = -_FLOAT32_MAX if feature.minimum is None else feature.minimum
-    high = _FLOAT32_MAX if feature.maximum is None else feature.maximum
+    low = -math.inf if feature.minimum is None else feature.minimum
+    high = math.inf if feature.maximum is None else feature.maximum
 
     def decode(cell: _Cell) -> tuple[float, ...] | str:
         if isinstance(cell, bool) or cell is None:
@@ -756,7 +768,7 @@ def _decode_numeric(feature: Feature) -> Callable[[_Cell], tuple[float, ...] | s
             return "is not a finite float32 number; fix the cell"
         if not low <= value <= high:
             return (
-                f"is outside the plausible range [{feature.minimum}, {feature.maximum}] given in"
+                f"is outside the plausible range [{low:g}, {high:g}] given in"
                 " the schema; fix the cell, or widen min/max if the range is wrong"
             )
         return (value,)
@@ -770,9 +782,8 @@ def _decode_categorical(feature: Feature) -> Callable[[_Cell], tuple[float, ...]
         for i, level in enumerate(feature.levels)
     }
     problem = (
-        "holds a level not in the schema's levels ("
-        + ", ".join(feature.levels)
-        + "); fix the cell or add the level to the schema"
+        f"holds a level not in the schema's levels ({_some(feature.levels)}); fix the cell or"
+        " add the level to the schema"
     )
 
     def decode(cell: _Cell) -> tuple[float, ...] | str:
@@ -784,8 +795,8 @@ def _decode_categorical(feature: Feature) -> Callable[[_Cell], tuple[float, ...]
 def _decode_boolean(feature: Feature) -> Callable[[_Cell], tuple[float, ...] | str]:
     spelled = {v: (1.0,) for v in feature.true_values} | {v: (0.0,) for v in feature.false_values}
     problem = (
-        f"is not one of the schema's true_values ({', '.join(feature.true_values)}) or"
-        f" false_values ({', '.join(feature.false_values)}); fix the cell or add the spelling"
+        f"is not one of the schema's true_values ({_some(feature.true_values)}) or"
+        f" false_values ({_some(feature.false_values)}); fix the cell or add the spelling"
     )
 
     def decode(cell: _Cell) -> tuple[float, ...] | str:
@@ -808,6 +819,7 @@ def _encode(columns: _Columns, *, schema: DatasetSchema, source: str) -> SiteTab
     spellings = frozenset(schema.missing_values)
     features = np.zeros((num_rows, schema.num_encoded_features), dtype=np.float32)
     keep = np.ones(num_rows, dtype=bool)
+    missing_per_column: Counter[str] = Counter()
     start = 0
     for feature in schema.features:
         decode = _DECODERS[feature.kind](feature)
@@ -821,6 +833,7 @@ def _encode(columns: _Columns, *, schema: DatasetSchema, source: str) -> SiteTab
                         " in, or set `missing: drop-row` in the schema"
                     )
                 keep[row] = False
+                missing_per_column[feature.name] += 1
                 continue
             decoded = decode(cell)
             if isinstance(decoded, str):
@@ -845,17 +858,23 @@ def _encode(columns: _Columns, *, schema: DatasetSchema, source: str) -> SiteTab
             )
         labels[row] = index
     dropped = num_rows - int(keep.sum())
+    # Counts per column, not rows: aggregates that help the site find the gap in its export.
+    most_missing = ", ".join(
+        f"{name!r} {count}" for name, count in missing_per_column.most_common(3)
+    )
     if dropped == num_rows:
         raise SiteDataError(
-            f"{source!r}: all {num_rows} rows have a missing value in a feature column and were"
-            " dropped; check missing_values in the schema or fill in the data"
+            f"{source!r}: all {num_rows} rows have a missing value in a feature column (most"
+            f" often: {most_missing}) and were dropped; fill in the data, or check the schema's"
+            " missing_values spellings"
         )
     if dropped:
         logger.info(
-            "%s: dropped %d of %d rows with a missing value in a feature column",
+            "%s: dropped %d of %d rows with a missing value in a feature column (most often: %s)",
             source,
             dropped,
             num_rows,
+            most_missing,
         )
     return SiteTable(
         features=features[keep],

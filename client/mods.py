@@ -31,7 +31,12 @@ _METRIC_KEYS = {
     MessageType.EVALUATE: wire.EVALUATE_METRIC_KEYS,
 }
 _SITE_KEYS = frozenset(
-    {wire.Keys.SITE_NAME, wire.Keys.SCHEMA_FINGERPRINT, wire.Keys.NUM_FEATURES, wire.Keys.NUM_CLASSES}
+    {
+        wire.Keys.SITE_NAME,
+        wire.Keys.SCHEMA_FINGERPRINT,
+        wire.Keys.NUM_FEATURES,
+        wire.Keys.NUM_CLASSES,
+    }
 )
 _STATS_KEYS = frozenset({wire.Keys.STATS_COUNT, wire.Keys.STATS_SUM, wire.Keys.STATS_SUM_SQ})
 
@@ -44,11 +49,15 @@ def _check(request: Message, reply: Message) -> None:
     content = reply.content
     for name, record in content.items():
         if name not in allowed or not isinstance(record, allowed[name]):
-            raise PrivacyError(f"egress refused: record {name!r} may not leave the site in a {kind} reply.")
+            raise PrivacyError(
+                f"egress refused: record {name!r} may not leave the site in a {kind} reply."
+            )
     if wire.METRICS in content:
         extra = set(content.metric_records[wire.METRICS]) - _METRIC_KEYS[kind]
         if extra:
-            raise PrivacyError(f"egress refused: metric(s) {sorted(extra)} are not on the whitelist.")
+            raise PrivacyError(
+                f"egress refused: metric(s) {sorted(extra)} are not on the whitelist."
+            )
         for key, value in content.metric_records[wire.METRICS].items():
             if not isinstance(value, int | float):
                 raise PrivacyError(f"egress refused: metric {key!r} must be one scalar.")
@@ -60,7 +69,9 @@ def _check(request: Message, reply: Message) -> None:
         sent = request.content.array_records.get(wire.ARRAYS)
         got = content.array_records[wire.ARRAYS]
         if sent is None:
-            raise PrivacyError("egress refused: model arrays in a reply to a request that had none.")
+            raise PrivacyError(
+                "egress refused: model arrays in a reply to a request that had none."
+            )
         expected = {k: (tuple(a.shape), a.dtype) for k, a in sent.items()}
         actual = {k: (tuple(a.shape), a.dtype) for k, a in got.items()}
         if expected != actual:

@@ -9,8 +9,8 @@ and checked again by :func:`clinfed.client.mods.egress_guard_mod`.
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,13 +18,14 @@ from functools import cache
 
 import numpy as np
 import torch
-from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
-from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
-from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
+from flwr.app import MetricRecordValues
 from torch import nn
 
+from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
+from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
 from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError
+from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
 
 __all__ = [
     "DPState",
@@ -245,6 +246,6 @@ def _generator(site: SiteConfig, server_round: int) -> torch.Generator:
     return g
 
 
-def flat_metrics(values: Mapping[str, float | int]) -> dict[str, int | float]:
+def flat_metrics(values: Mapping[str, float | int]) -> dict[str, MetricRecordValues]:
     """Metrics as plain Python ``int``/``float`` (MetricRecord rejects numpy scalars)."""
     return {k: (int(v) if isinstance(v, int) else float(v)) for k, v in values.items()}

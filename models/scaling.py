@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from clinfed.models.tabular import Standardize
 from torch import nn
+
+from clinfed.models.tabular import Standardize
 
 __all__ = ["FeatureStats", "set_standardization"]
 

@@ -9,8 +9,9 @@ carries its own preprocessing.
 from __future__ import annotations
 
 import torch
-from clinfed.models.registry import register_model
 from torch import nn
+
+from clinfed.models.registry import register_model
 
 __all__ = ["MLP", "LogisticRegression", "Standardize", "output_size"]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-from clinfed.models.registry import register_model
-from clinfed.models.tabular import output_size
 from torch import nn
 
 from clinfed.errors import ConfigError
+from clinfed.models.registry import register_model
+from clinfed.models.tabular import output_size
 
 __all__ = ["SmallCNN"]
 

@@ -66,7 +66,9 @@ class DPStep:
             raise PrivacyError(f"steps must be >= 0; found {self.steps}.")
 
 
-def planned_steps(*, num_records: int, batch_size: int, epochs_per_round: int, rounds: int) -> tuple[float, int]:
+def planned_steps(
+    *, num_records: int, batch_size: int, epochs_per_round: int, rounds: int
+) -> tuple[float, int]:
     """The sampling rate and the number of DP-SGD steps a site takes over a whole run.
 
     An epoch is ``round(1 / q)`` steps of expected batch size ``batch_size``.
@@ -129,7 +131,9 @@ def calibrate_noise(
     )
     planned = [*history, DPStep(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)]
     achieved = epsilon_spent(planned, delta=target_delta, accountant=accountant)
-    if achieved > target_epsilon:  # the search guarantees this never happens; fail loudly if it does
+    if (
+        achieved > target_epsilon
+    ):  # the search guarantees this never happens; fail loudly if it does
         raise PrivacyError(
             f"calibrated noise {sigma:.4g} gives epsilon {achieved:.6g} above the target "
             f"{target_epsilon:.6g}; refusing to train."

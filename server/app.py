@@ -7,12 +7,12 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from clinfed.server.federation import run_federation
-from clinfed.server.results import FederationResult, format_summary, write_results
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clinfed.config import RunConfig, load_run_config
+from clinfed.server.federation import run_federation
+from clinfed.server.results import FederationResult, format_summary, write_results
 
 __all__ = ["app", "build_server_app", "run_config_from_context"]
 

@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from clinfed.models import create_model
-from clinfed.models.scaling import FeatureStats, set_standardization
-from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
-from clinfed.server.strategies import create_strategy
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from clinfed import wire
 from clinfed.config import RunConfig, to_yaml
 from clinfed.errors import ConfigError, ProtocolError
+from clinfed.models import create_model
+from clinfed.models.scaling import FeatureStats, set_standardization
+from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
+from clinfed.server.strategies import create_strategy
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clinfed.client.mods import egress_guard_mod
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -17,6 +16,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed import wire
+from clinfed.client.mods import egress_guard_mod
 from clinfed.errors import PrivacyError
 
 

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+
 from clinfed.client.metrics import roc_auc
 from clinfed.client.training import TrainSettings, evaluate, train
 from clinfed.models import create_model

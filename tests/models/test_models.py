@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clinfed.client.training import TrainSettings, evaluate, train
-from clinfed.models import create_model, register_model, registered_models
 from opacus.validators import ModuleValidator
 
+from clinfed.client.training import TrainSettings, evaluate, train
 from clinfed.errors import ConfigError
+from clinfed.models import create_model, register_model, registered_models
 
 # (num_features, num_classes) per model: tabular binary and multi-class; a 1x16x16 image.
 SHAPES = {"logreg": [(16, 2), (16, 5)], "mlp": [(16, 2), (16, 5)], "cnn": [(256, 2), (256, 3)]}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from clinfed.errors import PrivacyError
 from clinfed.privacy.accountant import (
     RDP_ORDERS,
     DPStep,
@@ -10,9 +13,6 @@ from clinfed.privacy.accountant import (
     epsilon_spent,
     planned_steps,
 )
-from opacus.accountants import PRVAccountant, RDPAccountant
-
-from clinfed.errors import PrivacyError
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ import math
 from collections.abc import Callable, Iterable
 
 import pytest
-from clinfed.client.site import load_site_data
-from clinfed.privacy.accountant import RDP_ORDERS, planned_steps
-from clinfed.server.results import FederationResult
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
 
 from clinfed import wire
+from clinfed.client.site import load_site_data
 from clinfed.config import SimulationConfig
+from clinfed.privacy.accountant import RDP_ORDERS, planned_steps
+from clinfed.server.results import FederationResult
 from clinfed.simulation import LocalGrid, run_inprocess_federation
 
 Demo = Callable[..., SimulationConfig]
