@@ -112,3 +112,37 @@ def test_cli_prints_one_line_and_no_traceback(repo_root: Path, args: list[str]) 
     assert len(errors) == 1, done.stderr
     assert errors[0].startswith("clinfed: error: ")
     assert "Traceback" not in done.stderr
+
+
+BAD_CSVS = {
+    "missing column": lambda text: "\n".join(
+        ",".join(c for i, c in enumerate(line.split(",")) if i != 1) for line in text.splitlines()
+    ),
+    "wrong type": lambda text: text.replace("\n1,63,", "\n1,sixty-three,", 1),
+    "nan label": lambda text: "\n".join(
+        line if i != 1 else line.rsplit(",", 1)[0] + "," for i, line in enumerate(text.splitlines())
+    ),
+    "unknown category": lambda text: text.replace("typical angina", "typical-angina", 1),
+    "empty file": lambda text: "",
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_CSVS))
+def test_bad_site_data_is_one_line_from_the_cli(repo_root: Path, tmp_path: Path, problem: str) -> None:
+    original = (repo_root / "data/heart-disease/sites/cleveland.csv").read_text()
+    (tmp_path / "site.csv").write_text(BAD_CSVS[problem](original))
+    schema = repo_root / "data/heart-disease/schema-binary.yaml"
+    (tmp_path / "site.yaml").write_text(f"name: paris\ndata:\n  path: site.csv\n  schema: {schema}\n")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "clinfed.cli", "check-site", str(tmp_path / "site.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 2, done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.startswith("clinfed: error: ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "site.csv" in lines[0]
