@@ -28,6 +28,7 @@ PACKAGES = [
     "clinfed.models.scaling",
     "clinfed.privacy",
     "clinfed.privacy.accountant",
+    "clinfed.privacy.secagg",
 ]
 
 
