@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clinfed import wire
+from clinfed.client import secure
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
     DPState,
@@ -147,31 +148,44 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
 
     @client_app.query(mods=[egress_guard_mod])
     def query(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+        kind = wire.read_str(config, K.QUERY, sender=_SERVER)
+        if kind == wire.QUERY_SECAGG_UNMASK:
+            request = msg.content.config_records.get(wire.SECAGG)
+            if request is None:
+                raise ProtocolError(
+                    "the server's unmask request carries no secure-aggregation record."
+                )
+            return Message(RecordDict({wire.SECAGG: secure.unmask(context, request)}), reply_to=msg)
+        if kind != wire.QUERY_SITE_INFO:
+            raise ProtocolError(f"the server sent an unknown query {kind!r}.")
         site = resolve_site(context)
         data = load_site_data(site)
         stats = FeatureStats.of(data.x_train)
-        return Message(
-            RecordDict(
-                {
-                    wire.SITE: ConfigRecord(
-                        {
-                            K.SITE_NAME: site.name,
-                            K.SCHEMA_FINGERPRINT: schema_fingerprint(data.schema),
-                            K.NUM_FEATURES: data.num_features,
-                            K.NUM_CLASSES: data.num_classes,
-                        }
-                    ),
-                    wire.STATS: MetricRecord(
-                        {
-                            K.STATS_COUNT: stats.count,
-                            K.STATS_SUM: list(stats.total),
-                            K.STATS_SUM_SQ: list(stats.total_sq),
-                        }
-                    ),
-                }
-            ),
-            reply_to=msg,
+        content = RecordDict(
+            {
+                wire.SITE: ConfigRecord(
+                    {
+                        K.SITE_NAME: site.name,
+                        K.SCHEMA_FINGERPRINT: schema_fingerprint(data.schema),
+                        K.NUM_FEATURES: data.num_features,
+                        K.NUM_CLASSES: data.num_classes,
+                    }
+                ),
+                wire.STATS: MetricRecord(
+                    {
+                        K.STATS_COUNT: stats.count,
+                        K.STATS_SUM: list(stats.total),
+                        K.STATS_SUM_SQ: list(stats.total_sq),
+                    }
+                ),
+            }
         )
+        setup = msg.content.config_records.get(wire.SECAGG)
+        settings = msg.content.config_records.get(wire.SECAGG_SETTINGS)
+        if setup is not None and settings is not None:
+            content[wire.SECAGG] = secure.setup_keys(context, setup, settings)
+        return Message(content, reply_to=msg)
 
     @client_app.train(mods=[egress_guard_mod])
     def train(msg: Message, context: Context) -> Message:
@@ -180,7 +194,9 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         data = load_site_data(site)
         config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
         request = _request(config)
-        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        global_arrays = msg.content.array_records.get(wire.ARRAYS)
+        model = _model(config, data, global_arrays)
+        secagg_request = msg.content.config_records.get(wire.SECAGG)
         state = _load_state(context)
         result, epsilon = site_train(model, data, request, site=site, state=state)
         _save_state(context, state)
@@ -199,13 +215,27 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             K.DELTA: site.privacy.delta,
             K.NOISE_MULTIPLIER: result.noise_multiplier or 0.0,
         }
+        if secagg_request is None:
+            update_record: dict[str, ArrayRecord | ConfigRecord] = {
+                wire.ARRAYS: ArrayRecord(model.state_dict())
+            }
+        else:
+            # Secure aggregation: the model never leaves; its weighted update does, masked.
+            assert global_arrays is not None  # checked by _model
+            total = wire.read_int(config, K.SECAGG_TOTAL_EXAMPLES, sender=_SERVER)
+            if total < result.num_examples:
+                raise ProtocolError(
+                    f"the server's total of training records ({total}) is below this site's own."
+                )
+            masked, _ = secure.mask_update(
+                context,
+                secagg_request,
+                secure.flatten_update(global_arrays, model.state_dict()),
+                weight=result.num_examples / total,
+            )
+            update_record = {wire.SECAGG: masked}
         return Message(
-            RecordDict(
-                {
-                    wire.ARRAYS: ArrayRecord(model.state_dict()),
-                    wire.METRICS: MetricRecord(flat_metrics(metrics)),
-                }
-            ),
+            RecordDict({**update_record, wire.METRICS: MetricRecord(flat_metrics(metrics))}),
             reply_to=msg,
         )
 

@@ -15,16 +15,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp.typing import ClientAppCallable
 
 from clinfed import wire
-from clinfed.errors import PrivacyError
+from clinfed.errors import PrivacyError, ProtocolError
+from clinfed.privacy.secagg import KeyAdvertisement, MaskedInput, RoundRequest, UnmaskResponse
 
 __all__ = ["egress_guard_mod"]
 
 logger = logging.getLogger(__name__)
 
 _ALLOWED: dict[str, dict[str, type]] = {
-    MessageType.TRAIN: {wire.ARRAYS: ArrayRecord, wire.METRICS: MetricRecord},
+    MessageType.TRAIN: {
+        wire.ARRAYS: ArrayRecord,
+        wire.METRICS: MetricRecord,
+        wire.SECAGG: ConfigRecord,
+    },
     MessageType.EVALUATE: {wire.METRICS: MetricRecord},
-    MessageType.QUERY: {wire.SITE: ConfigRecord, wire.STATS: MetricRecord},
+    MessageType.QUERY: {
+        wire.SITE: ConfigRecord,
+        wire.STATS: MetricRecord,
+        wire.SECAGG: ConfigRecord,
+    },
 }
 _METRIC_KEYS = {
     MessageType.TRAIN: wire.TRAIN_METRIC_KEYS,
@@ -52,6 +61,17 @@ def _check(request: Message, reply: Message) -> None:
             raise PrivacyError(
                 f"egress refused: record {name!r} may not leave the site in a {kind} reply."
             )
+    if kind == MessageType.TRAIN:
+        secure = wire.SECAGG in request.content
+        if secure and (wire.ARRAYS in content or wire.SECAGG not in content):
+            raise PrivacyError(
+                "egress refused: in a secure-aggregation round only the masked update may leave, "
+                "never the model."
+            )
+        if not secure and wire.SECAGG in content:
+            raise PrivacyError("egress refused: a masked update in reply to a plain round.")
+    if wire.SECAGG in content:
+        _check_secagg(request, content.config_records[wire.SECAGG])
     if wire.METRICS in content:
         extra = set(content.metric_records[wire.METRICS]) - _METRIC_KEYS[kind]
         if extra:
@@ -79,6 +99,25 @@ def _check(request: Message, reply: Message) -> None:
                 "egress refused: the reply's model arrays differ in names, shapes or dtypes from "
                 "the global model the server sent."
             )
+
+
+def _check_secagg(request: Message, record: ConfigRecord) -> None:
+    """The secure-aggregation record must be exactly one well-formed protocol answer."""
+    kind = request.metadata.message_type.split(".")[0]
+    try:
+        if kind == MessageType.TRAIN:
+            masked = MaskedInput.from_record(record)
+            asked = RoundRequest.from_record(request.content.config_records[wire.SECAGG])
+            if masked.round_id != asked.round_id:
+                raise PrivacyError("egress refused: masked update for another round.")
+        elif wire.SECAGG_SETTINGS in request.content:
+            KeyAdvertisement.from_record(record)
+        else:
+            UnmaskResponse.from_record(record)
+    except ProtocolError as error:
+        raise PrivacyError(
+            f"egress refused: malformed secure-aggregation answer ({error})."
+        ) from None
 
 
 def egress_guard_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

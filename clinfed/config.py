@@ -13,6 +13,7 @@ Everything is validated here, at the edge. Below the entry points code receives 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyTarget",
     "RunConfig",
+    "SecureAggregationConfig",
     "SimulationConfig",
     "SiteConfig",
     "SiteDataConfig",
@@ -134,6 +136,59 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Secure aggregation (on by default): the server learns only the sum of the sites' updates.
+
+    ``mode``: ``pairwise`` (one message exchange per round; the server must honour the round
+    deadline) or ``double`` (adds per-round self-masks: two exchanges, safe against a server that
+    lies about who dropped). ``bits``: masked values live in Z_2^bits (32 = a float32 model's
+    size). ``clip_range``: every weighted update value must lie in [-r, r]; values outside are
+    clipped *and counted*. ``on_out_of_range``: ``count`` (report the round's total) or
+    ``fail-round`` (abort the round, keep the model). ``threshold``: least number of sites whose
+    sum may be learned (0 = a majority of the round's sites, at least 2). ``on_abort``:
+    ``continue`` with the next round or ``stop`` the run when a round is aborted.
+    """
+
+    enabled: bool = True
+    mode: str = "pairwise"
+    bits: int = 32
+    clip_range: float = 1.0
+    max_sites: int = 30
+    threshold: int = 0
+    on_out_of_range: str = "count"
+    on_abort: str = "continue"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.mode in ("pairwise", "double"),
+            f"secure_aggregation.mode must be pairwise or double; found {self.mode!r}.",
+        )
+        _require(
+            8 <= self.bits <= 64, f"secure_aggregation.bits must be in 8..64; found {self.bits}."
+        )
+        _require(
+            self.clip_range > 0 and math.isfinite(self.clip_range),
+            f"secure_aggregation.clip_range must be a finite number > 0; found {self.clip_range}.",
+        )
+        _require(
+            2 <= self.max_sites <= 65535,
+            f"secure_aggregation.max_sites must be in 2..65535; found {self.max_sites}.",
+        )
+        _require(
+            self.threshold == 0 or 2 <= self.threshold <= self.max_sites,
+            f"secure_aggregation.threshold must be 0 (majority) or in 2..max_sites; found {self.threshold}.",
+        )
+        _require(
+            self.on_out_of_range in ("count", "fail-round"),
+            f"secure_aggregation.on_out_of_range must be count or fail-round; found {self.on_out_of_range!r}.",
+        )
+        _require(
+            self.on_abort in ("continue", "stop"),
+            f"secure_aggregation.on_abort must be continue or stop; found {self.on_abort!r}.",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What the coordinating lab asks of a federation (sent to the sites)."""
 
@@ -147,6 +202,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"rounds must be >= 1; found {self.rounds}. Use e.g. rounds=10.")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ __all__ = [
     "LocalGrid",
     "SimulationOutcome",
     "check_sites",
+    "local_grid",
     "run_inprocess_federation",
     "run_simulated_federation",
 ]
@@ -104,6 +106,9 @@ def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:
     return outcome[0]
 
 
+ReplyFilter = Callable[[Message, Message], Message | None]
+
+
 class LocalGrid(Grid):
     """A Flower ``Grid`` that delivers each message to a ClientApp in this process.
 
@@ -119,7 +124,10 @@ class LocalGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=contexts[0].run_id if contexts else 0)
         self.dropped: set[int] = set()
-        """Node ids that do not answer (to simulate a site that is down)."""
+        """Node ids that are down: not listed as connected, and they receive nothing."""
+        self.reply_filter: ReplyFilter | None = None
+        """Sees each (request, reply) and may return the reply, another one, or ``None`` (the
+        reply is lost): failure injection for tests and reliability benchmarks."""
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -157,6 +165,11 @@ class LocalGrid(Grid):
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
                 )
+            if self.reply_filter is not None:
+                filtered = self.reply_filter(msg, reply)
+                if filtered is None:
+                    continue
+                reply = filtered
             self._replies[msg.metadata.message_id] = reply
         return ids
 
@@ -166,12 +179,20 @@ class LocalGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        del timeout  # every reply is ready when push_messages returns
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        replies = list(self.pull_messages(ids))
+        if len(replies) < len(ids) and timeout is not None:
+            time.sleep(timeout)  # a lost reply costs the full wait, as over a real network
+        return replies
 
 
 def run_inprocess_federation(config: SimulationConfig) -> FederationResult:
     """Run the federation in this process over a :class:`LocalGrid` (no Ray); nothing is written."""
+    return run_federation(local_grid(config), config.run)
+
+
+def local_grid(config: SimulationConfig) -> LocalGrid:
+    """A :class:`LocalGrid` whose nodes are the simulated sites of ``config``."""
     sites = _SimulatedSites(config.sites)
     client_app = build_client_app(sites)
     rng = random.Random(config.run.seed)
@@ -188,4 +209,4 @@ def run_inprocess_federation(config: SimulationConfig) -> FederationResult:
     # Flower's Message constructor stamps the sender's identity from TaskIdentity; the engines
     # set it for the ServerApp, so does this in-process one.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    return run_federation(LocalGrid(client_app, contexts), config.run)
+    return LocalGrid(client_app, contexts)

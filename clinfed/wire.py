@@ -20,7 +20,10 @@ __all__ = [
     "CONFIG",
     "EVALUATE_METRIC_KEYS",
     "METRICS",
+    "QUERY_SECAGG_UNMASK",
     "QUERY_SITE_INFO",
+    "SECAGG",
+    "SECAGG_SETTINGS",
     "SITE",
     "STATS",
     "TRAIN_METRIC_KEYS",
@@ -39,9 +42,12 @@ CONFIG: Final = "config"  # ConfigRecord: server -> site instructions
 METRICS: Final = "metrics"  # MetricRecord: site -> server scalar metrics
 SITE: Final = "site"  # ConfigRecord: site -> server identity and schema fingerprint
 STATS: Final = "stats"  # MetricRecord: site -> server feature aggregates for scaling
+SECAGG: Final = "secagg"  # ConfigRecord: a secure-aggregation protocol message (either way)
+SECAGG_SETTINGS: Final = "secagg-settings"  # ConfigRecord: server -> site, the run's settings
 
 # ------------------------------------------------------------------ query message kinds
 QUERY_SITE_INFO: Final = "site-info"
+QUERY_SECAGG_UNMASK: Final = "secagg-unmask"
 
 
 class Keys:
@@ -63,6 +69,16 @@ class Keys:
     MODEL_HIDDEN: Final = "model-hidden"
     MODEL_DROPOUT: Final = "model-dropout"
     SCALING: Final = "scaling"
+    SECURE_AGGREGATION: Final = "secure-aggregation"
+    SECAGG_TOTAL_EXAMPLES: Final = "secagg-total-examples"  # Σ n over the round's participants
+
+    # server -> site (ConfigRecord SECAGG_SETTINGS)
+    SECAGG_MODE: Final = "mode"
+    SECAGG_BITS: Final = "bits"
+    SECAGG_CLIP_RANGE: Final = "clip-range"
+    SECAGG_MAX_SITES: Final = "max-sites"
+    SECAGG_THRESHOLD: Final = "threshold"  # 0: a majority of the round's participants
+    SECAGG_ON_OUT_OF_RANGE: Final = "on-out-of-range"
 
     # site -> server (ConfigRecord SITE)
     SITE_NAME: Final = "name"

@@ -32,7 +32,6 @@ def run_config_from_context(context: Context) -> RunConfig:
 def build_server_app(
     config: RunConfig | None = None,
     *,
-    secure_aggregation: bool = False,
     on_result: ResultSink | None = None,
 ) -> ServerApp:
     """The ServerApp; ``config`` fixes the run settings (else they come from the run config)."""
@@ -41,7 +40,7 @@ def build_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run = config if config is not None else run_config_from_context(context)
-        result = run_federation(grid, run, secure_aggregation=secure_aggregation)
+        result = run_federation(grid, run)
         folder = write_results(result, run.output_dir)
         logger.info("results written to %s", folder)
         print(format_summary(result), end="", flush=True)

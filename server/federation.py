@@ -17,13 +17,16 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from clinfed import wire
 from clinfed.config import RunConfig, to_yaml
-from clinfed.errors import ConfigError, ProtocolError
+from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
+from clinfed.privacy.secagg import SecAggAbortedError
 from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
+from clinfed.server.secure import SecureAggregator, check_secure_model
 from clinfed.server.strategies import create_strategy
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
@@ -67,8 +70,13 @@ def _parse_site_info(reply: Message) -> SiteInfo:
     return info
 
 
-def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[SiteInfo]:
-    """Ask every connected site who it is; wait at most ``timeout_s`` for ``min_sites`` of them."""
+def discover_sites(
+    grid: Grid, *, min_sites: int, timeout_s: float, secure: SecureAggregator | None = None
+) -> list[SiteInfo]:
+    """Ask every connected site who it is; wait at most ``timeout_s`` for ``min_sites`` of them.
+
+    With ``secure``, the same query carries the secure-aggregation key setup (no extra exchange).
+    """
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < min_sites:
@@ -81,7 +89,12 @@ def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[Site
         node_ids = list(grid.get_node_ids())
     messages = [
         Message(
-            RecordDict({wire.CONFIG: ConfigRecord({K.QUERY: wire.QUERY_SITE_INFO})}),
+            RecordDict(
+                {
+                    wire.CONFIG: ConfigRecord({K.QUERY: wire.QUERY_SITE_INFO}),
+                    **(secure.setup_records(node) if secure else {}),
+                }
+            ),
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
@@ -93,10 +106,13 @@ def discover_sites(grid: Grid, *, min_sites: int, timeout_s: float) -> list[Site
             logger.error(
                 "node %s could not describe itself: %s",
                 reply.metadata.src_node_id,
-                reply.error.reason,
+                _reason(reply.error.reason),
             )
             continue
-        sites.append(_parse_site_info(reply))
+        info = _parse_site_info(reply)
+        if secure is not None:
+            secure.register(reply, name=info.name, num_examples=info.stats.count)
+        sites.append(info)
     sites.sort(key=lambda s: s.name)
     if len(sites) < min_sites:
         raise ConfigError(
@@ -229,16 +245,118 @@ def _log_round(
     )
 
 
+def _wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> bool:
+    """Wait (bounded) until ``min_sites`` nodes are connected.
+
+    Flower's strategies sample nodes with no time limit; checking first keeps every wait bounded.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < min_sites:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _secure_train_round(
+    *,
+    grid: Grid,
+    strategy: Strategy,
+    secure: SecureAggregator,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    config: RunConfig,
+    names: dict[int, str],
+    result: FederationResult,
+) -> ArrayRecord | None:
+    """One training round with secure aggregation; ``None`` when the round was aborted."""
+    timeout = config.round_timeout_s
+    try:
+        messages, secure_round = secure.open_round(
+            server_round, messages, arrays=arrays, timeout_s=timeout
+        )
+    except SecAggAbortedError as error:
+        missing = ", ".join(secure.names(error.missing)) or "none"
+        result.events.append(
+            RoundEvent(
+                server_round, "secagg-aborted", f"too few sites at round start; absent: {missing}"
+            )
+        )
+        logger.error("round %d aborted before training: %s", server_round, error)
+        return None
+    replies = _record(
+        grid.send_and_receive(messages, timeout=timeout), server_round, "train", names, result
+    )
+    clear = {
+        m.site: (m.num_examples, m.loss)
+        for m in result.metrics
+        if m.round == server_round and m.phase == "train" and not m.error
+    }
+    try:
+        outcome = secure.close_round(
+            grid, secure_round, replies, arrays=arrays, train_metrics=clear, timeout_s=timeout
+        )
+    except SecAggAbortedError as error:
+        missing = ", ".join(secure.names(error.missing)) or "none"
+        result.events.append(
+            RoundEvent(
+                server_round,
+                "secagg-aborted",
+                f"fewer surviving sites than the threshold; missing: {missing}",
+            )
+        )
+        logger.error("round %d aborted, global model kept: %s", server_round, error)
+        return None
+    except (PrivacyError, ProtocolError) as error:
+        result.events.append(RoundEvent(server_round, "secagg-aborted", str(error)))
+        logger.error("round %d aborted, global model kept: %s", server_round, error)
+        return None
+    for detail in outcome.rejected:
+        result.events.append(RoundEvent(server_round, "secagg-rejected", detail))
+    if outcome.dropped:
+        result.events.append(
+            RoundEvent(
+                server_round,
+                "secagg-dropout",
+                f"{', '.join(outcome.dropped)} dropped; sum of {', '.join(outcome.contributors)} "
+                f"recovered in {outcome.exchanges} exchanges",
+            )
+        )
+    if outcome.out_of_range:
+        detail = (
+            f"{outcome.out_of_range} update values outside [-{config.secure_aggregation.clip_range:g}, "
+            f"{config.secure_aggregation.clip_range:g}] were clipped (raise secure_aggregation.clip_range)"
+        )
+        if config.secure_aggregation.on_out_of_range == "fail-round":
+            result.events.append(RoundEvent(server_round, "secagg-out-of-range-failed", detail))
+            logger.error("round %d failed: %s", server_round, detail)
+            return None
+        result.events.append(RoundEvent(server_round, "secagg-out-of-range", detail))
+        logger.warning("round %d: %s", server_round, detail)
+    new_arrays, _ = strategy.aggregate_train(server_round, [outcome.reply])
+    return new_arrays
+
+
 def run_federation(
     grid: Grid,
     config: RunConfig,
     *,
-    secure_aggregation: bool = False,
     on_round_end: Callable[[FederationResult], None] | None = None,
 ) -> FederationResult:
     """Run ``config.rounds`` rounds of federated training with per-site evaluation."""
     started = time.monotonic()
-    sites = discover_sites(grid, min_sites=config.min_sites, timeout_s=config.round_timeout_s)
+    secure = (
+        SecureAggregator(config.secure_aggregation) if config.secure_aggregation.enabled else None
+    )
+    if secure is None:
+        logger.warning(
+            "secure aggregation is OFF (secure_aggregation.enabled=false): the server sees every "
+            "site's individual model update"
+        )
+    sites = discover_sites(
+        grid, min_sites=config.min_sites, timeout_s=config.round_timeout_s, secure=secure
+    )
     names = {s.node_id: s.name for s in sites}
     logger.info(
         "federation of %d sites: %s (%d training records in all)",
@@ -248,11 +366,13 @@ def run_federation(
     )
     model = _initial_model(config, sites)
     arrays = ArrayRecord(model.state_dict())
+    if secure is not None:
+        check_secure_model(arrays)
     strategy = create_strategy(config.strategy, min_sites=config.min_sites)
     result = FederationResult(
         run_name=config.name,
         sites=[s.name for s in sites],
-        secure_aggregation=secure_aggregation,
+        secure_aggregation=secure is not None,
         dp=config.train.dp,
         config_yaml=to_yaml(config),
     )
@@ -260,24 +380,53 @@ def run_federation(
     train_config = _train_config(config)
     for server_round in range(1, config.rounds + 1):
         round_start = time.monotonic()
-        messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord(dict(train_config)), grid
+        if not _wait_for_sites(grid, config.min_sites, config.round_timeout_s):
+            connected = len(list(grid.get_node_ids()))
+            detail = (
+                f"only {connected} site(s) connected, min_sites is {config.min_sites}; model kept"
+            )
+            result.events.append(RoundEvent(server_round, "round-skipped", detail))
+            logger.error("round %d skipped: %s", server_round, detail)
+            result.round_seconds.append(time.monotonic() - round_start)
+            continue
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         )
-        replies = _record(
-            grid.send_and_receive(messages, timeout=config.round_timeout_s),
-            server_round,
-            "train",
-            names,
-            result,
-        )
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if secure is None:
+            replies = _record(
+                grid.send_and_receive(messages, timeout=config.round_timeout_s),
+                server_round,
+                "train",
+                names,
+                result,
+            )
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        else:
+            new_arrays = _secure_train_round(
+                grid=grid,
+                strategy=strategy,
+                secure=secure,
+                server_round=server_round,
+                messages=messages,
+                arrays=arrays,
+                config=config,
+                names=names,
+                result=result,
+            )
         if new_arrays is None:
-            result.events.append(
-                RoundEvent(server_round, "no-update", "no site returned an update; model kept")
-            )
-            logger.warning(
-                "round %d: no site returned an update; the global model is unchanged", server_round
-            )
+            logger.warning("round %d: the global model is unchanged", server_round)
+            if (
+                secure is not None
+                and config.secure_aggregation.on_abort == "stop"
+                and any(
+                    e.round == server_round and e.kind.startswith("secagg-") for e in result.events
+                )
+            ):
+                result.round_seconds.append(time.monotonic() - round_start)
+                result.events.append(
+                    RoundEvent(server_round, "run-stopped", "secure_aggregation.on_abort=stop")
+                )
+                break
         else:
             arrays = new_arrays
         eval_messages = strategy.configure_evaluate(

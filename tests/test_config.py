@@ -128,11 +128,15 @@ BAD_CSVS = {
 
 
 @pytest.mark.parametrize("problem", list(BAD_CSVS))
-def test_bad_site_data_is_one_line_from_the_cli(repo_root: Path, tmp_path: Path, problem: str) -> None:
+def test_bad_site_data_is_one_line_from_the_cli(
+    repo_root: Path, tmp_path: Path, problem: str
+) -> None:
     original = (repo_root / "data/heart-disease/sites/cleveland.csv").read_text()
     (tmp_path / "site.csv").write_text(BAD_CSVS[problem](original))
     schema = repo_root / "data/heart-disease/schema-binary.yaml"
-    (tmp_path / "site.yaml").write_text(f"name: paris\ndata:\n  path: site.csv\n  schema: {schema}\n")
+    (tmp_path / "site.yaml").write_text(
+        f"name: paris\ndata:\n  path: site.csv\n  schema: {schema}\n"
+    )
 
     done = subprocess.run(
         [sys.executable, "-m", "clinfed.cli", "check-site", str(tmp_path / "site.yaml")],

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
@@ -21,9 +22,8 @@ Demo = Callable[..., SimulationConfig]
 SITES = ["berlin", "nantes", "paris"]
 
 
-@pytest.fixture(scope="module")
-def federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
-    """Five DP rounds of the demo federation, recording every message a site sends."""
+def _recorded_run(*overrides: str) -> tuple[FederationResult, list[tuple[Message, Message]]]:
+    """Run the demo federation in process, recording every (request, reply) pair."""
     from tests.conftest import _demo_config
 
     sent: list[tuple[Message, Message]] = []
@@ -40,10 +40,22 @@ def federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
 
     LocalGrid.push_messages = recording_push  # type: ignore[method-assign]
     try:
-        result = run_inprocess_federation(_demo_config("rounds=5"))
+        result = run_inprocess_federation(_demo_config(*overrides))
     finally:
         LocalGrid.push_messages = original  # type: ignore[method-assign]
     return result, sent
+
+
+@pytest.fixture(scope="module")
+def federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
+    """Five DP rounds of the demo federation (secure aggregation on, the default)."""
+    return _recorded_run("rounds=5")
+
+
+@pytest.fixture(scope="module")
+def plain_federation() -> tuple[FederationResult, list[tuple[Message, Message]]]:
+    """The same federation with secure aggregation explicitly off."""
+    return _recorded_run("rounds=5", "secure_aggregation.enabled=false")
 
 
 def test_every_site_has_its_own_metrics_and_auc_above_0_6(
@@ -101,33 +113,45 @@ def _site_of(reply: Message, sent: list[tuple[Message, Message]]) -> str:
     return names[reply.metadata.src_node_id]
 
 
+@pytest.mark.parametrize("which", ["federation", "plain_federation"])
 def test_sites_send_only_model_arrays_and_whitelisted_scalars(
-    federation: tuple[FederationResult, list],
+    which: str, request: pytest.FixtureRequest
 ) -> None:
-    _, sent = federation
+    result, sent = request.getfixturevalue(which)
+    secure = which == "federation"
+    assert result.secure_aggregation is secure
     from tests.conftest import _demo_config
 
     record_counts = {len(load_site_data(s).y_train) for s in _demo_config().sites} | {
         len(load_site_data(s).y_test) for s in _demo_config().sites
     }
     kinds = set()
-    for request, reply in sent:
-        kind = request.metadata.message_type
-        kinds.add(kind)
+    for request_msg, reply in sent:
+        kind = request_msg.metadata.message_type
+        query = request_msg.content.config_records[wire.CONFIG].get(wire.Keys.QUERY)
+        kinds.add(query or kind)
         assert not reply.has_error()
         content = reply.content
-        if kind == "train":
+        model = request_msg.content.array_records.get(wire.ARRAYS)
+        if kind == "train" and secure:
+            # The model never leaves: only its weighted update, quantized and masked, as one
+            # vector of 4 bytes per parameter (plus the masked clip count).
+            assert set(content) == {wire.SECAGG, wire.METRICS}
+            vector = content.config_records[wire.SECAGG]["secagg.vector"]
+            num_params = sum(int(np.prod(a.shape)) for a in model.values())
+            assert isinstance(vector, bytes) and len(vector) == 4 * (num_params + 1)
+            _check_scalars(content.metric_records[wire.METRICS], wire.TRAIN_METRIC_KEYS)
+        elif kind == "train":
             assert set(content) == {wire.ARRAYS, wire.METRICS}
             arrays = content.array_records[wire.ARRAYS]
-            model = request.content.array_records[wire.ARRAYS]
             assert {k: a.shape for k, a in arrays.items()} == {k: a.shape for k, a in model.items()}
             _check_scalars(content.metric_records[wire.METRICS], wire.TRAIN_METRIC_KEYS)
         elif kind == "evaluate":
             assert set(content) == {wire.METRICS}
             _check_scalars(content.metric_records[wire.METRICS], wire.EVALUATE_METRIC_KEYS)
         else:
-            assert kind == "query"
-            assert set(content) == {wire.SITE, wire.STATS}
+            assert query == wire.QUERY_SITE_INFO
+            assert set(content) == ({wire.SITE, wire.STATS} | ({wire.SECAGG} if secure else set()))
             site = content.config_records[wire.SITE]
             assert set(site) == {"name", "schema-fingerprint", "num-features", "num-classes"}
             stats = content.metric_records[wire.STATS]
@@ -136,10 +160,24 @@ def test_sites_send_only_model_arrays_and_whitelisted_scalars(
                 len(stats["sum"]) == d and len(stats["sum-sq"]) == d
             )  # per feature, not per patient
             assert d not in record_counts
+            if secure:  # public keys only
+                advert = content.config_records[wire.SECAGG]
+                assert all(not isinstance(v, list) for v in advert.values())
         for record in content.values():
             if isinstance(record, ArrayRecord):
                 assert all(n not in record_counts for a in record.values() for n in a.shape)
-    assert kinds == {"query", "train", "evaluate"}
+    assert kinds == {wire.QUERY_SITE_INFO, "train", "evaluate"}
+
+
+def test_secure_aggregation_reaches_the_same_per_site_metrics(
+    federation: tuple[FederationResult, list], plain_federation: tuple[FederationResult, list]
+) -> None:
+    secure = federation[0].final("evaluate")
+    plain = plain_federation[0].final("evaluate")
+
+    for site in SITES:
+        assert secure[site].accuracy == pytest.approx(plain[site].accuracy, abs=0.02)
+        assert secure[site].roc_auc == pytest.approx(plain[site].roc_auc, abs=0.01)
 
 
 def _check_scalars(metrics: MetricRecord, allowed: frozenset[str]) -> None:
