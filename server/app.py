@@ -21,12 +21,19 @@ logger = logging.getLogger(__name__)
 ResultSink = Callable[[FederationResult, Path], None]
 
 
+_APP_ROOT = Path(__file__).resolve().parent.parent
+
+
 def run_config_from_context(context: Context) -> RunConfig:
-    """The run settings of a ``flwr run``: ``config-file`` plus space-separated ``overrides``."""
-    config_file = str(context.run_config.get("config-file", "conf/run.yaml"))
+    """The run settings of a ``flwr run``: ``config-file`` plus space-separated ``overrides``.
+
+    A relative ``config-file`` is relative to the app's root folder (the FAB's, in deployment).
+    """
+    config_file = Path(str(context.run_config.get("config-file", "conf/run.yaml")))
+    if not config_file.is_absolute():
+        config_file = _APP_ROOT / config_file
     overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    path = Path(config_file)
-    return load_run_config(path if path.is_file() else None, overrides)
+    return load_run_config(config_file, overrides)
 
 
 def build_server_app(
