@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from clinfed import wire
 from clinfed.client import secure
+from clinfed.client.governance import Governance
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
     DPState,
@@ -24,13 +25,14 @@ from clinfed.client.site import (
     SiteData,
     flat_metrics,
     load_site_data,
+    plan_round,
+    run_round,
     schema_fingerprint,
     site_evaluate,
-    site_train,
 )
 from clinfed.client.training import TrainSettings
 from clinfed.config import SiteConfig, load_site_config
-from clinfed.errors import ConfigError, PrivacyError, ProtocolError
+from clinfed.errors import ClinfedError, ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.privacy.accountant import DPStep, epsilon_spent
@@ -142,6 +144,17 @@ def _save_state(context: Context, state: DPState) -> None:
     )
 
 
+def _payload_bytes(reply: Message) -> int:
+    """Bytes of model or masked-update payload in a reply (for the audit log)."""
+    total = 0
+    for record in reply.content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(a.data) for a in record.values())
+        elif isinstance(record, ConfigRecord):
+            total += sum(len(v) for v in record.values() if isinstance(v, bytes))
+    return total
+
+
 def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
     """The ClientApp, with the site's configuration found by ``resolve_site``."""
     client_app = ClientApp()
@@ -190,16 +203,59 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     @client_app.train(mods=[egress_guard_mod])
     def train(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
+        governance = Governance(site)
+        config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+        run_id = (
+            f"{wire.read_str(config, K.RUN_NAME, sender=_SERVER, default='run')}#{context.run_id}"
+        )
+        server_round = config.get(K.SERVER_ROUND, 0)
+        governance.audit(kind="request", message="train", run=run_id, round=str(server_round))
+        try:
+            reply, spend = _train(
+                msg, context, site=site, governance=governance, config=config, run_id=run_id
+            )
+        except ClinfedError as error:
+            governance.audit(kind="decision", decision="refused", run=run_id, reason=str(error))
+            raise
+        governance.audit(
+            kind="decision",
+            decision="accepted",
+            run=run_id,
+            round=str(server_round),
+            bytes_sent=_payload_bytes(reply),
+            **spend,
+        )
+        return reply
+
+    def _train(
+        msg: Message,
+        context: Context,
+        *,
+        site: SiteConfig,
+        governance: Governance,
+        config: ConfigRecord,
+        run_id: str,
+    ) -> tuple[Message, Mapping[str, float]]:
         torch.set_num_threads(site.torch_threads)
         data = load_site_data(site)
-        config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
         request = _request(config)
         global_arrays = msg.content.array_records.get(wire.ARRAYS)
         model = _model(config, data, global_arrays)
         secagg_request = msg.content.config_records.get(wire.SECAGG)
         state = _load_state(context)
-        result, epsilon = site_train(model, data, request, site=site, state=state)
-        _save_state(context, state)
+        fresh_state = not state.plan and not state.history
+        plan = plan_round(data, request, site=site, state=state)
+        governance.check_training(
+            run_id=run_id,
+            request=request,
+            plan=plan,
+            model=wire.read_str(config, K.MODEL_NAME, sender=_SERVER),
+            secure_aggregation=secagg_request is not None,
+            metric_keys=wire.TRAIN_METRIC_KEYS,
+            fresh_state=fresh_state,
+        )
+        result = run_round(model, data, request, plan, site=site, state=state)
+        epsilon = plan.epsilon_after
         logger.info(
             "site %s round %d: trained on %d records, loss %.4f, epsilon %.4g",
             site.name,
@@ -234,10 +290,14 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                 weight=result.num_examples / total,
             )
             update_record = {wire.SECAGG: masked}
-        return Message(
+        # Write-ahead: the spend is durable in the ledger before the update can leave the site.
+        spend = governance.record_spend(run_id=run_id, server_round=request.server_round, plan=plan)
+        _save_state(context, state)
+        reply = Message(
             RecordDict({**update_record, wire.METRICS: MetricRecord(flat_metrics(metrics))}),
             reply_to=msg,
         )
+        return reply, spend
 
     @client_app.evaluate(mods=[egress_guard_mod])
     def evaluate(msg: Message, context: Context) -> Message:
@@ -262,6 +322,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             K.ROC_AUC: result.roc_auc,
             K.EPSILON: spent,
         }
+        Governance(site).check_metrics(metrics)
         return Message(
             RecordDict({wire.METRICS: MetricRecord(flat_metrics(metrics))}),
             reply_to=msg,

@@ -29,11 +29,14 @@ from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, p
 
 __all__ = [
     "DPState",
+    "RoundPlan",
     "RoundRequest",
     "SiteData",
     "describe_site",
     "flat_metrics",
     "load_site_data",
+    "plan_round",
+    "run_round",
     "schema_fingerprint",
     "site_evaluate",
     "site_train",
@@ -134,20 +137,26 @@ def _plan_signature(request: RoundRequest, num_records: int) -> str:
     return f"rounds={request.num_rounds};epochs={s.epochs};batch={s.batch_size};n={num_records}"
 
 
-def site_train(
-    model: nn.Module,
-    data: SiteData,
-    request: RoundRequest,
-    *,
-    site: SiteConfig,
-    state: DPState,
-) -> tuple[TrainResult, float]:
-    """Train ``model`` in place for one round under the site's privacy target.
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round will spend, known before any record is touched.
+
+    ``step`` is this round's DP-SGD step (``None`` when the round trains without DP, which only a
+    site with ``privacy.required: false`` accepts); ``epsilon_after`` the run's ε once it is done.
+    """
+
+    step: DPStep | None
+    epsilon_after: float
+
+
+def plan_round(
+    data: SiteData, request: RoundRequest, *, site: SiteConfig, state: DPState
+) -> RoundPlan:
+    """Plan one round under the site's privacy target, refusing what would break it.
 
     On the first round the noise multiplier is calibrated so that the **whole planned run**
     (``num_rounds`` rounds of ``epochs`` epochs) spends at most the site's target ε. Every round
-    checks, before any record is touched, that the steps already taken plus this round's stay
-    within the target, and refuses otherwise. Returns the result and the cumulative ε after it.
+    checks that the steps already taken plus this round's stay within the target.
     """
     target = site.privacy
     if not request.dp:
@@ -156,20 +165,7 @@ def site_train(
                 f"site {site.name} requires differential privacy, but the server asked to train "
                 "without it (train.dp=false). Refused; the site's privacy.required setting rules."
             )
-        logger.warning(
-            "training WITHOUT differential privacy (site allows it: privacy.required=false)"
-        )
-        result = train(
-            model,
-            data.x_train,
-            data.y_train,
-            settings=request.settings,
-            noise_multiplier=None,
-            generator=_generator(site, request.server_round),
-        )
-        state.non_private_rounds += 1
-        return result, math.inf
-
+        return RoundPlan(step=None, epsilon_after=math.inf)
     n = len(data.y_train)
     sample_rate, total_steps = planned_steps(
         num_records=n,
@@ -188,7 +184,8 @@ def site_train(
         )
         state.plan = plan
         logger.info(
-            "calibrated noise multiplier %.4f for epsilon %.3g, delta %.1g over %d rounds (%d steps, q=%.4f)",
+            "calibrated noise multiplier %.4f for epsilon %.3g, delta %.1g over %d rounds "
+            "(%d steps, q=%.4f)",
             state.noise_multiplier,
             target.epsilon,
             target.delta,
@@ -201,9 +198,10 @@ def site_train(
             f"the run's plan changed mid-run ({state.plan} -> {plan}); the noise was calibrated "
             "for the first plan. Start a new run to change rounds, epochs or batch size."
         )
-    steps_this_round = total_steps // request.num_rounds
     this_round = DPStep(
-        noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps_this_round
+        noise_multiplier=state.noise_multiplier,
+        sample_rate=sample_rate,
+        steps=total_steps // request.num_rounds,
     )
     after = epsilon_spent(
         [*state.history, this_round], delta=target.delta, accountant=target.accountant
@@ -211,23 +209,64 @@ def site_train(
     if after > target.epsilon * (1 + 1e-9):
         spent = epsilon_spent(state.history, delta=target.delta, accountant=target.accountant)
         raise PrivacyError(
-            f"round {request.server_round} would bring site {site.name} to epsilon {after:.4g}, above "
-            f"its target {target.epsilon:g} (spent so far {spent:.4g}). Refused before training."
+            f"round {request.server_round} would bring site {site.name} to epsilon {after:.4g}, "
+            f"above its target {target.epsilon:g} (spent so far {spent:.4g}). Refused before "
+            "training."
         )
+    return RoundPlan(step=this_round, epsilon_after=after)
+
+
+def run_round(
+    model: nn.Module,
+    data: SiteData,
+    request: RoundRequest,
+    plan: RoundPlan,
+    *,
+    site: SiteConfig,
+    state: DPState,
+) -> TrainResult:
+    """Train ``model`` in place for the planned round and account for it in ``state``."""
+    if plan.step is None:
+        logger.warning(
+            "training WITHOUT differential privacy (site allows it: privacy.required=false)"
+        )
+        result = train(
+            model,
+            data.x_train,
+            data.y_train,
+            settings=request.settings,
+            noise_multiplier=None,
+            generator=_generator(site, request.server_round),
+        )
+        state.non_private_rounds += 1
+        return result
     result = train(
         model,
         data.x_train,
         data.y_train,
         settings=request.settings,
-        noise_multiplier=state.noise_multiplier,
+        noise_multiplier=plan.step.noise_multiplier,
         generator=_generator(site, request.server_round),
     )
-    if result.steps != steps_this_round:  # pragma: no cover - a bug, never a user error
+    if result.steps != plan.step.steps:  # pragma: no cover - a bug, never a user error
         raise PrivacyError(
-            f"took {result.steps} steps, accounted {steps_this_round}; refusing to send."
+            f"took {result.steps} steps, accounted {plan.step.steps}; refusing to send."
         )
-    state.history.append(this_round)
-    return result, after
+    state.history.append(plan.step)
+    return result
+
+
+def site_train(
+    model: nn.Module,
+    data: SiteData,
+    request: RoundRequest,
+    *,
+    site: SiteConfig,
+    state: DPState,
+) -> tuple[TrainResult, float]:
+    """:func:`plan_round` then :func:`run_round`; returns the result and the run's ε after it."""
+    plan = plan_round(data, request, site=site, state=state)
+    return run_round(model, data, request, plan, site=site, state=state), plan.epsilon_after
 
 
 def site_evaluate(model: nn.Module, data: SiteData) -> EvalResult:

@@ -38,6 +38,40 @@ def _check_site(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_show(args: argparse.Namespace) -> int:
+    from clinfed.client.policy import load_site_policy  # noqa: PLC0415
+    from clinfed.config import load_site_config  # noqa: PLC0415
+    from clinfed.errors import ConfigError  # noqa: PLC0415
+    from clinfed.privacy.ledger import PrivacyLedger  # noqa: PLC0415
+
+    site = load_site_config(args.site_config)
+    g = site.governance
+    if not g.policy:
+        raise ConfigError(f"site {site.name} has no governance.policy; there is no ledger to show.")
+    budget = load_site_policy(g.policy).budget
+    with PrivacyLedger.open(g.ledger) as ledger:
+        summary = ledger.summary(
+            delta=budget.delta, accountant=budget.accountant, total_epsilon=budget.epsilon
+        )
+        print(summary.as_text())
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from clinfed.client.audit import verify_audit_log  # noqa: PLC0415
+
+    report = verify_audit_log(args.audit_log)
+    if report.ok:
+        print(f"audit log {args.audit_log}: OK, {report.entries} entries, head {report.head}")
+        return 0
+    print(
+        f"clinfed: error: audit log {args.audit_log} is damaged at line {report.line} "
+        f"(entry {report.index}): {report.problem}: {report.detail}",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfed", description="Federated learning for hospitals."
@@ -62,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("site_config", help="the site's YAML config, e.g. /etc/clinfed/site.yaml")
     check.set_defaults(handler=_check_site)
+    ledger = commands.add_parser("ledger", help="the site's privacy ledger")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    show = ledger_commands.add_parser(
+        "show", help="epsilon spent and remaining, per run and per round"
+    )
+    show.add_argument("site_config", help="the site's YAML config")
+    show.set_defaults(handler=_ledger_show)
+    audit = commands.add_parser("audit", help="the site's audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain; name the first tampered entry"
+    )
+    verify.add_argument("audit_log", help="path of the audit log (JSON lines)")
+    verify.set_defaults(handler=_audit_verify)
     return parser
 
 

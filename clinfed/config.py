@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +31,17 @@ __all__ = [
     "PrivacyTarget",
     "RunConfig",
     "SecureAggregationConfig",
+    "ServerDeployConfig",
     "SimulationConfig",
     "SiteConfig",
+    "SiteConnectionConfig",
     "SiteDataConfig",
+    "SiteGovernanceConfig",
     "StrategyConfig",
     "TrainConfig",
     "load_config",
     "load_run_config",
+    "load_server_config",
     "load_simulation_config",
     "load_site_config",
     "to_yaml",
@@ -199,6 +204,7 @@ class RunConfig:
     round_timeout_s: float = 300.0
     scaling: str = "federated"
     output_dir: str = "results"
+    on_site_refusal: str = "continue"
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -216,6 +222,10 @@ class RunConfig:
             f"scaling must be one of {', '.join(SCALINGS)}; found {self.scaling!r}.",
         )
         _require(bool(self.name.strip()), "name must not be empty.")
+        _require(
+            self.on_site_refusal in ("continue", "stop"),
+            f"on_site_refusal must be continue or stop; found {self.on_site_refusal!r}.",
+        )
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,51 @@ class SiteDataConfig:
 
 
 @dataclass(frozen=True)
+class SiteConnectionConfig:
+    """How a deployed site reaches the federation server (sites dial out; nothing dials in).
+
+    ``superlink`` is ``host:port`` of the server; ``root_certificates`` the federation CA that
+    signed the server's TLS certificate; ``auth_private_key`` the site's own OpenSSH private key
+    (its public half is registered at the server). ``insecure`` (plaintext, no authentication)
+    exists for local development only.
+    """
+
+    superlink: str = ""
+    root_certificates: str = ""
+    auth_private_key: str = ""
+    insecure: bool = False
+    runtime_port: int = 9094
+
+    def __post_init__(self) -> None:
+        _require(
+            1 <= self.runtime_port <= 65535,
+            f"connection.runtime_port must be a TCP port; found {self.runtime_port}.",
+        )
+
+
+@dataclass(frozen=True)
+class SiteGovernanceConfig:
+    """The hospital's controls: its policy file, its privacy ledger and its audit log.
+
+    All three live on the site and never leave it. With a ``policy``, every request is checked
+    against it, every DP spend is written to the ``ledger`` before the update leaves, and every
+    request and decision goes to the ``audit_log``. A deployed site must have all three.
+    """
+
+    policy: str = ""
+    ledger: str = ""
+    audit_log: str = ""
+
+    def __post_init__(self) -> None:
+        if self.policy:
+            _require(
+                bool(self.ledger) and bool(self.audit_log),
+                "governance.ledger and governance.audit_log are required with a governance.policy "
+                "(e.g. /var/lib/clinfed/ledger.jsonl and /var/lib/clinfed/audit.jsonl).",
+            )
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """A hospital's own settings; read on the site, never sent anywhere.
 
@@ -278,8 +333,17 @@ class SiteConfig:
     privacy: PrivacyTarget = field(default_factory=PrivacyTarget)
     noise_seed: int | None = None
     torch_threads: int = 1
+    connection: SiteConnectionConfig = field(default_factory=SiteConnectionConfig)
+    approved_apps: list[str] = field(default_factory=list)
+    governance: SiteGovernanceConfig = field(default_factory=SiteGovernanceConfig)
 
     def __post_init__(self) -> None:
+        for digest in self.approved_apps:
+            _require(
+                len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                f"approved_apps entries must be 64-character lowercase SHA-256 app hashes "
+                f"(from `clinfed app-hash`); found {digest!r}.",
+            )
         _require(
             bool(self.name.strip()) and self.name.replace("-", "").replace("_", "").isalnum(),
             f"site name must be letters, digits, '-' or '_'; found {self.name!r}.",
@@ -287,6 +351,49 @@ class SiteConfig:
         _require(
             self.torch_threads >= 1, f"torch_threads must be >= 1; found {self.torch_threads}."
         )
+
+
+@dataclass(frozen=True)
+class ServerDeployConfig:
+    """The coordinating lab's SuperLink: where it listens, its TLS material, its state.
+
+    TLS and site authentication are on unless ``insecure`` (local development only).
+    """
+
+    host: str = "0.0.0.0"  # noqa: S104 - the server must be reachable by the sites
+    port: int = 9093
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificate: str = ""
+    database: str = "state/superlink.db"
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, f"port must be a TCP port; found {self.port}.")
+        if not self.insecure:
+            for key in ("certificate", "private_key", "ca_certificate"):
+                _require(
+                    bool(getattr(self, key)),
+                    f"{key} is required (TLS is on by default); create it with `clinfed pki init` "
+                    "or set insecure: true for local development only.",
+                )
+
+
+def load_server_config(path: str | Path, overrides: Sequence[str] = ()) -> ServerDeployConfig:
+    """The server's deployment config; relative paths resolve against the file's folder."""
+    server = load_config(ServerDeployConfig, path, overrides)
+    base = Path(path).resolve().parent
+
+    def resolved(value: str) -> str:
+        return _resolve(value, base) if value else ""
+
+    return dataclasses.replace(
+        server,
+        certificate=resolved(server.certificate),
+        private_key=resolved(server.private_key),
+        ca_certificate=resolved(server.ca_certificate),
+        database=resolved(server.database),
+    )
 
 
 @dataclass(frozen=True)
@@ -298,6 +405,7 @@ class FederationConfig:
     )
     epsilon: float | None = None
     cpus_per_site: float = 1.0
+    fresh_site_state: bool = True
 
     def __post_init__(self) -> None:
         _require(len(self.sites) >= 1, "federation.sites must list at least one site config.")
@@ -332,6 +440,9 @@ def _merge(schema: type[_T], sources: Sequence[Any], where: str) -> _T:
         raise ConfigError(f"{where}: {error}") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{where}: {_describe_omegaconf_error(error)}") from None
+    except TypeError as error:  # OmegaConf: a mapping where a list is expected, or the reverse
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{where}: a value has the wrong shape ({first}).") from None
     if not isinstance(obj, schema):  # pragma: no cover - OmegaConf guarantees the type
         raise ConfigError(f"{where}: expected a {schema.__name__} mapping.")
     return obj
@@ -405,7 +516,22 @@ def load_site_config(path: str | Path, overrides: Sequence[str] = ()) -> SiteCon
         path=_resolve(site.data.path, base),
         schema=_resolve(site.data.schema, base),
     )
-    return dataclasses.replace(site, data=data)
+    c = site.connection
+    connection = dataclasses.replace(
+        c,
+        root_certificates=_resolve(c.root_certificates, base) if c.root_certificates else "",
+        auth_private_key=_resolve(c.auth_private_key, base) if c.auth_private_key else "",
+    )
+    g = site.governance
+    governance = dataclasses.replace(
+        g,
+        **{
+            k: _resolve(getattr(g, k), base)
+            for k in ("policy", "ledger", "audit_log")
+            if getattr(g, k)
+        },
+    )
+    return dataclasses.replace(site, data=data, connection=connection, governance=governance)
 
 
 def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> SimulationConfig:
@@ -435,6 +561,24 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: site names must be unique; found {names}.")
+    if federation.fresh_site_state:
+        # Each simulated run gets new site ledgers and audit logs (under the output folder), so
+        # that repeated demo runs do not spend the demo sites' budgets; a real site's persist.
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        root = Path(run.output_dir).resolve() / "site-state" / f"{run.name}-{stamp}"
+        sites = [
+            dataclasses.replace(
+                s,
+                governance=dataclasses.replace(
+                    s.governance,
+                    ledger=str(root / s.name / "ledger.jsonl"),
+                    audit_log=str(root / s.name / "audit.jsonl"),
+                ),
+            )
+            if s.governance.policy
+            else s
+            for s in sites
+        ]
     return SimulationConfig(run=run, sites=tuple(sites), federation=federation)
 
 

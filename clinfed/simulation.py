@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import time
 import uuid
 import warnings
@@ -37,6 +38,7 @@ __all__ = [
     "SimulationOutcome",
     "check_sites",
     "local_grid",
+    "prepare_site_state",
     "run_inprocess_federation",
     "run_simulated_federation",
 ]
@@ -67,8 +69,17 @@ class _SimulatedSites:
 
 def check_sites(config: SimulationConfig) -> None:
     """Load every simulated site's data now, so that bad data fails before Ray starts."""
+    prepare_site_state(config)
     for site in config.sites:
         logger.info("%s", describe_site(site))
+
+
+def prepare_site_state(config: SimulationConfig) -> None:
+    """Create the folders of the simulated sites' ledgers and audit logs."""
+    for site in config.sites:
+        for path in (site.governance.ledger, site.governance.audit_log):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:
@@ -161,7 +172,7 @@ class LocalGrid(Grid):
             try:
                 reply = self._client_app(msg, self._contexts[node])
             except Exception as error:  # noqa: BLE001 - reported to the server as an error reply
-                reason = f"{type(error).__name__}: {error}"
+                reason = f"{type(error)}:<'{error}'>"  # as Flower's engines report it
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
                 )
@@ -193,12 +204,14 @@ def run_inprocess_federation(config: SimulationConfig) -> FederationResult:
 
 def local_grid(config: SimulationConfig) -> LocalGrid:
     """A :class:`LocalGrid` whose nodes are the simulated sites of ``config``."""
+    prepare_site_state(config)
     sites = _SimulatedSites(config.sites)
     client_app = build_client_app(sites)
     rng = random.Random(config.run.seed)
+    run_id = secrets.randbits(62) + 1  # every in-process run is a new run, as with Flower
     contexts = [
         Context(
-            run_id=1,
+            run_id=run_id,
             node_id=rng.getrandbits(62) + 1,
             node_config={"partition-id": i, "num-partitions": len(config.sites)},
             state=RecordDict(),
@@ -208,5 +221,5 @@ def local_grid(config: SimulationConfig) -> LocalGrid:
     ]
     # Flower's Message constructor stamps the sender's identity from TaskIdentity; the engines
     # set it for the ServerApp, so does this in-process one.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SUPERLINK_NODE_ID
     return LocalGrid(client_app, contexts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -174,11 +175,17 @@ def _train_config(config: RunConfig) -> ConfigRecord:
 
 
 def _reason(raw: str | None) -> str:
-    """The site's own one-line reason out of the wrapping a Flower engine puts around it."""
+    """The site's own one-line reason out of the wrapping a Flower engine puts around it.
+
+    Flower reports a ClientApp exception as ``<class 'T'>:<'text'>``, where ``text`` may itself
+    wrap the site's message after ``Message: ``.
+    """
     text = (raw or "").strip()
+    wrapped = re.fullmatch(r"<class '[^']*'>:<'(.*)'>", text, flags=re.DOTALL)
+    if wrapped:
+        text = wrapped.group(1)
     if "Message: " in text:
         text = text.rsplit("Message: ", 1)[1]
-    text = text.removesuffix("'>").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no reason given"
 
@@ -444,5 +451,21 @@ def run_federation(
         _log_round(result, server_round, config.rounds, result.round_seconds[-1])
         if on_round_end is not None:
             on_round_end(result)
+        refusals = [
+            e for e in result.events if e.round == server_round and e.kind.endswith("-refused")
+        ]
+        if refusals and config.on_site_refusal == "stop":
+            result.events.append(
+                RoundEvent(
+                    server_round,
+                    "run-stopped",
+                    f"{len(refusals)} site refusal(s); on_site_refusal=stop",
+                )
+            )
+            logger.error(
+                "stopping the run after round %d: a site refused (on_site_refusal=stop)",
+                server_round,
+            )
+            break
     result.final_state = arrays.to_torch_state_dict()
     return result

@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 
 from clinfed import wire
 from clinfed.client.site import load_site_data
-from clinfed.config import SimulationConfig
+from clinfed.config import SimulationConfig, SiteGovernanceConfig
 from clinfed.privacy.accountant import RDP_ORDERS, planned_steps
 from clinfed.server.results import FederationResult
 from clinfed.simulation import LocalGrid, run_inprocess_federation
@@ -195,10 +195,13 @@ def test_other_strategies_run(demo_config: Demo, strategy: str) -> None:
 
 def test_a_site_that_requires_dp_refuses_a_non_private_request(demo_config: Demo) -> None:
     config = demo_config("rounds=1", "train.dp=false")
+    # No site policy here (it would refuse too): the site config's own privacy.required rules.
     relaxed = [
-        dataclasses.replace(s, privacy=dataclasses.replace(s.privacy, required=False))
-        if s.name != "paris"
-        else s
+        dataclasses.replace(
+            s,
+            governance=SiteGovernanceConfig(),
+            privacy=dataclasses.replace(s.privacy, required=s.name == "paris"),
+        )
         for s in config.sites
     ]
     config = dataclasses.replace(config, sites=tuple(relaxed))

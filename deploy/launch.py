@@ -1,0 +1,188 @@
+"""Start a site (SuperNode) or the server (SuperLink) the way clinfed deploys them.
+
+**A site runs only apps its hospital approved.** Flower's ``--trusted-entities`` needs FAB
+signatures that only Flower's hosted platform issues, so clinfed checks on the site instead:
+every ClientApp task is launched through ``clinfed-clientapp``, which computes the SHA-256 of the
+app bundle (FAB) it was handed *before installing or importing anything from it* and refuses the
+task — with an error reply naming the hash — unless the hash is in the site config's
+``approved_apps``. The check runs in the site's own installed code, never in the app's, so a
+bundle cannot skip it. The lab publishes the hash of the app it will run (``clinfed app-hash``);
+the hospital reviews that bundle and adds its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from clinfed.config import ServerDeployConfig, SiteConfig, load_site_config
+from clinfed.errors import ConfigError, PrivacyError
+
+__all__ = [
+    "APPROVAL_ENV",
+    "AppNotApprovedError",
+    "check_app_approved",
+    "run_clientapp_with_approval",
+    "server_arguments",
+    "site_arguments",
+    "start_server",
+    "start_site",
+]
+
+logger = logging.getLogger(__name__)
+
+APPROVAL_ENV = "CLINFED_SITE_CONFIG"
+"""Environment variable naming the site config whose ``approved_apps`` every task is checked against."""
+
+CLIENTAPP_COMMAND = "clinfed-clientapp"
+
+
+class AppNotApprovedError(PrivacyError):
+    """The server asked this site to run an app bundle its hospital has not approved."""
+
+
+def check_app_approved(fab_content: bytes, site: SiteConfig) -> str:
+    """The bundle's SHA-256 if ``site`` approved it; :class:`AppNotApprovedError` otherwise."""
+    digest = hashlib.sha256(fab_content).hexdigest()
+    if digest not in site.approved_apps:
+        raise AppNotApprovedError(
+            f"site {site.name} refuses app {digest}: not in approved_apps of its site config. "
+            "Review the app bundle, then add its hash to approved_apps to allow it."
+        )
+    return digest
+
+
+def _insecure_warning(what: str) -> None:
+    banner = "!" * 78
+    logger.warning(
+        "%s\n%s runs WITHOUT TLS and WITHOUT authentication: anyone on the network can read and "
+        "alter its traffic. Local development only.\n%s",
+        banner,
+        what,
+        banner,
+    )
+
+
+def site_arguments(site: SiteConfig, config_path: Path) -> list[str]:
+    """``flower-supernode`` arguments for ``site`` (TLS and authentication unless insecure)."""
+    c = site.connection
+    if not c.superlink:
+        raise ConfigError(
+            f"site {site.name}: connection.superlink is not set; give the server's host:port."
+        )
+    args = [
+        "--superlink",
+        c.superlink,
+        "--node-config",
+        f'site-config="{config_path.resolve()}"',
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(c.runtime_port),
+    ]
+    if c.insecure:
+        _insecure_warning(f"site {site.name}")
+        return [*args, "--insecure"]
+    for key, value in (
+        ("root_certificates", c.root_certificates),
+        ("auth_private_key", c.auth_private_key),
+    ):
+        if not value or not Path(value).is_file():
+            raise ConfigError(
+                f"site {site.name}: connection.{key} ({value or 'not set'}) is not a readable file; "
+                "see `clinfed preflight` for what each file is and how to get it."
+            )
+    return [
+        *args,
+        "--root-certificates",
+        c.root_certificates,
+        "--auth-supernode-private-key",
+        c.auth_private_key,
+    ]
+
+
+def server_arguments(server: ServerDeployConfig) -> list[str]:
+    """``flower-superlink`` arguments: TLS, site authentication, no runtime installs."""
+    args = [
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        "--database",
+        server.database,
+        "--disable-runtime-dependency-installation",
+    ]
+    if server.insecure:
+        _insecure_warning("the server")
+        return [*args, "--insecure"]
+    return [
+        *args,
+        "--ssl-certfile",
+        server.certificate,
+        "--ssl-keyfile",
+        server.private_key,
+        "--ssl-ca-certfile",
+        server.ca_certificate,
+        "--enable-supernode-auth",
+    ]
+
+
+def start_site(config_path: Path) -> None:
+    """Run the site's SuperNode in this process (blocks); every task goes through the approval check."""
+    site = load_site_config(config_path)
+    if not site.approved_apps:
+        logger.warning(
+            "site %s approves no app yet: every request will be refused until approved_apps "
+            "lists an app hash",
+            site.name,
+        )
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType  # noqa: PLC0415
+    from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
+
+    os.environ[APPROVAL_ENV] = str(config_path.resolve())
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Flower launches a ClientApp task as a subprocess named by this table; point it at the
+    # approval-checking launcher (same arguments, same protocol).
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = CLIENTAPP_COMMAND
+    sys.argv = ["flower-supernode", *site_arguments(site, config_path)]
+    flower_supernode()
+
+
+def start_server(server: ServerDeployConfig) -> None:
+    """Run the SuperLink in this process (blocks)."""
+    from flwr.superlink.cli import flower_superlink  # noqa: PLC0415
+
+    Path(server.database).parent.mkdir(parents=True, exist_ok=True)
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    sys.argv = ["flower-superlink", *server_arguments(server)]
+    flower_superlink()
+
+
+def run_clientapp_with_approval() -> None:
+    """Entry point ``clinfed-clientapp``: Flower's ``flwr-clientapp`` plus the approval check.
+
+    The check wraps the first thing Flower does with a pulled bundle (installing it), so a refused
+    bundle is never unpacked or imported, and the refusal travels back as the task's error reply.
+    """
+    import flwr.supernode.runtime.run_clientapp as runtime  # noqa: PLC0415
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: PLC0415
+
+    config_path = os.environ.get(APPROVAL_ENV, "")
+    install = runtime.install_from_fab  # type: ignore[attr-defined]
+
+    def install_if_approved(fab_content: bytes, *args: object, **kwargs: object) -> object:
+        if not config_path:
+            raise AppNotApprovedError(
+                f"{APPROVAL_ENV} is not set: this site cannot check which apps are approved, so it runs none."
+            )
+        check_app_approved(fab_content, load_site_config(config_path))
+        return install(fab_content, *args, **kwargs)  # type: ignore[arg-type]
+
+    runtime.install_from_fab = install_if_approved  # type: ignore[attr-defined,assignment]
+    sys.argv[0] = "flwr-clientapp"
+    flwr_clientapp()
