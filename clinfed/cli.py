@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from clinfed._logging import configure_logging, undo_opacus_root_handler
-from clinfed.errors import ClinfedError
+from clinfed.errors import ClinfedError, ConfigError
 
 __all__ = ["main"]
 
@@ -72,6 +73,63 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 2
 
 
+def _pki_init(args: argparse.Namespace) -> int:
+    from clinfed.deploy.pki import create_federation_pki  # noqa: PLC0415
+
+    pki = create_federation_pki(Path(args.dir), server_hosts=args.server_host, sites=args.site)
+    print(f"federation CA:       {pki.ca_certificate} (keep {pki.ca_key} offline)")
+    print(f"server certificate:  {pki.server_certificate} + {pki.server_key}")
+    for name, (private, public) in pki.site_keys.items():
+        print(f"site {name}: {private} (to the hospital only), register {public}")
+    return 0
+
+
+def _pki_site_key(args: argparse.Namespace) -> int:
+    from clinfed.deploy.pki import create_site_key  # noqa: PLC0415
+
+    private, public = create_site_key(Path(args.dir), name=args.name)
+    print(
+        f"private key: {private} (stays here, mode 600)\npublic key:  {public} (send to the coordinating lab)"
+    )
+    return 0
+
+
+def _app_hash(args: argparse.Namespace) -> int:
+    import hashlib  # noqa: PLC0415
+
+    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415
+
+    app = Path(args.app)
+    if not (app / "pyproject.toml").is_file():
+        raise ConfigError(f"{app} is not a Flower app folder (no pyproject.toml).")
+    print(hashlib.sha256(build_fab_from_disk(app)).hexdigest())
+    return 0
+
+
+def _site_start(args: argparse.Namespace) -> int:
+    from clinfed.deploy.launch import start_site  # noqa: PLC0415
+
+    start_site(Path(args.site_config))
+    return 0
+
+
+def _server_start(args: argparse.Namespace) -> int:
+    from clinfed.config import load_server_config  # noqa: PLC0415
+    from clinfed.deploy.launch import start_server  # noqa: PLC0415
+
+    start_server(load_server_config(args.server_config))
+    return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from clinfed.deploy.preflight import format_report, run_preflight  # noqa: PLC0415
+
+    undo_opacus_root_handler()
+    results = run_preflight(Path(args.site_config))
+    print(format_report(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfed", description="Federated learning for hospitals."
@@ -110,6 +168,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("audit_log", help="path of the audit log (JSON lines)")
     verify.set_defaults(handler=_audit_verify)
+
+    pki = commands.add_parser("pki", help="the federation's certificates and site keys")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_commands.add_parser(
+        "init", help="create the CA, the server certificate and site keys"
+    )
+    init.add_argument("--dir", required=True, help="new folder for the key material")
+    init.add_argument(
+        "--server-host",
+        action="append",
+        required=True,
+        help="DNS name or IP the sites dial (repeat)",
+    )
+    init.add_argument(
+        "--site", action="append", default=[], help="create a key pair for this site (repeat)"
+    )
+    init.set_defaults(handler=_pki_init)
+    site_key = pki_commands.add_parser("site-key", help="a hospital creates its own key pair")
+    site_key.add_argument("--dir", required=True, help="folder for auth-key and auth-key.pub")
+    site_key.add_argument("--name", required=True, help="the site's name")
+    site_key.set_defaults(handler=_pki_site_key)
+
+    app_hash = commands.add_parser(
+        "app-hash", help="the SHA-256 of the app bundle sites must approve"
+    )
+    app_hash.add_argument("app", nargs="?", default=".", help="the app folder (default: .)")
+    app_hash.set_defaults(handler=_app_hash)
+
+    site = commands.add_parser("site", help="run this hospital's site")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    start = site_commands.add_parser("start", help="start the SuperNode (dials out to the server)")
+    start.add_argument("site_config", help="the site's YAML config")
+    start.set_defaults(handler=_site_start)
+    preflight = commands.add_parser(
+        "preflight", help="check a site before it joins (sends no data)"
+    )
+    preflight.add_argument("site_config", help="the site's YAML config")
+    preflight.set_defaults(handler=_preflight)
+
+    server = commands.add_parser("server", help="run the coordinating lab's server")
+    server_commands = server.add_subparsers(dest="server_command", required=True)
+    server_start = server_commands.add_parser(
+        "start", help="start the SuperLink (TLS + site authentication)"
+    )
+    server_start.add_argument("server_config", help="the server's YAML config")
+    server_start.set_defaults(handler=_server_start)
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = [
     "AppNotApprovedError",
     "check_app_approved",
     "run_clientapp_with_approval",
+    "run_superexec_with_approval",
     "server_arguments",
     "site_arguments",
     "start_server",
@@ -133,7 +135,12 @@ def server_arguments(server: ServerDeployConfig) -> list[str]:
 
 
 def start_site(config_path: Path) -> None:
-    """Run the site's SuperNode in this process (blocks); every task goes through the approval check."""
+    """Run the site (blocks): the SuperNode here, and its task launcher in a child process.
+
+    Flower's default launcher would run each ClientApp task with ``flwr-clientapp``; the site
+    instead runs the SuperNode with ``--isolation process`` and starts the launcher itself
+    (:func:`run_superexec_with_approval`), so that every task goes through the approval check.
+    """
     site = load_site_config(config_path)
     if not site.approved_apps:
         logger.warning(
@@ -141,16 +148,44 @@ def start_site(config_path: Path) -> None:
             "lists an app hash",
             site.name,
         )
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType  # noqa: PLC0415
+    arguments = site_arguments(site, config_path)
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
 
     os.environ[APPROVAL_ENV] = str(config_path.resolve())
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    # Flower launches a ClientApp task as a subprocess named by this table; point it at the
-    # approval-checking launcher (same arguments, same protocol).
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = CLIENTAPP_COMMAND
-    sys.argv = ["flower-supernode", *site_arguments(site, config_path)]
-    flower_supernode()
+    runtime = f"127.0.0.1:{site.connection.runtime_port}"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clinfed.deploy.launch",
+            "--runtime-api-address",
+            runtime,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+    )
+    try:
+        arguments[arguments.index("subprocess")] = "process"
+        sys.argv = ["flower-supernode", *arguments]
+        flower_supernode()
+    finally:
+        launcher.terminate()
+
+
+def run_superexec_with_approval(argv: list[str]) -> None:
+    """Flower's ``flower-superexec`` that launches ClientApp tasks with ``clinfed-clientapp``."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec  # noqa: PLC0415
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType  # noqa: PLC0415
+
+    # Flower starts each task as the command this table names; make it the approval-checking
+    # launcher from this same installation (same arguments, same protocol).
+    installed = Path(sys.executable).parent / CLIENTAPP_COMMAND
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = (
+        str(installed) if installed.exists() else CLIENTAPP_COMMAND
+    )
+    sys.argv = ["flower-superexec", "--insecure", *argv]
+    flower_superexec()
 
 
 def start_server(server: ServerDeployConfig) -> None:
@@ -186,3 +221,7 @@ def run_clientapp_with_approval() -> None:
     runtime.install_from_fab = install_if_approved  # type: ignore[attr-defined,assignment]
     sys.argv[0] = "flwr-clientapp"
     flwr_clientapp()
+
+
+if __name__ == "__main__":  # the site's task launcher, started by start_site
+    run_superexec_with_approval(sys.argv[1:])

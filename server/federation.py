@@ -72,7 +72,12 @@ def _parse_site_info(reply: Message) -> SiteInfo:
 
 
 def discover_sites(
-    grid: Grid, *, min_sites: int, timeout_s: float, secure: SecureAggregator | None = None
+    grid: Grid,
+    *,
+    min_sites: int,
+    timeout_s: float,
+    secure: SecureAggregator | None = None,
+    refusals: list[str] | None = None,
 ) -> list[SiteInfo]:
     """Ask every connected site who it is; wait at most ``timeout_s`` for ``min_sites`` of them.
 
@@ -104,11 +109,10 @@ def discover_sites(
     sites: list[SiteInfo] = []
     for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
         if reply.has_error():
-            logger.error(
-                "node %s could not describe itself: %s",
-                reply.metadata.src_node_id,
-                _reason(reply.error.reason),
-            )
+            reason = _reason(reply.error.reason)
+            logger.error("node %s did not join: %s", reply.metadata.src_node_id, reason)
+            if refusals is not None:
+                refusals.append(f"node {reply.metadata.src_node_id}: {reason}")
             continue
         info = _parse_site_info(reply)
         if secure is not None:
@@ -361,8 +365,13 @@ def run_federation(
             "secure aggregation is OFF (secure_aggregation.enabled=false): the server sees every "
             "site's individual model update"
         )
+    refusals: list[str] = []
     sites = discover_sites(
-        grid, min_sites=config.min_sites, timeout_s=config.round_timeout_s, secure=secure
+        grid,
+        min_sites=config.min_sites,
+        timeout_s=config.round_timeout_s,
+        secure=secure,
+        refusals=refusals,
     )
     names = {s.node_id: s.name for s in sites}
     logger.info(
@@ -383,6 +392,7 @@ def run_federation(
         dp=config.train.dp,
         config_yaml=to_yaml(config),
     )
+    result.events.extend(RoundEvent(0, "discovery-refused", r) for r in refusals)
     result.setup_seconds = time.monotonic() - started
     train_config = _train_config(config)
     for server_round in range(1, config.rounds + 1):
@@ -396,9 +406,15 @@ def run_federation(
             logger.error("round %d skipped: %s", server_round, detail)
             result.round_seconds.append(time.monotonic() - round_start)
             continue
-        messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-        )
+        # Only sites that joined at discovery take part (a node that refused, or connected
+        # later, has no agreed schema, scaling or secure-aggregation keys).
+        messages = [
+            m
+            for m in strategy.configure_train(
+                server_round, arrays, ConfigRecord(dict(train_config)), grid
+            )
+            if m.metadata.dst_node_id in names
+        ]
         if secure is None:
             replies = _record(
                 grid.send_and_receive(messages, timeout=config.round_timeout_s),
@@ -436,9 +452,13 @@ def run_federation(
                 break
         else:
             arrays = new_arrays
-        eval_messages = strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(dict(train_config)), grid
-        )
+        eval_messages = [
+            m
+            for m in strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(train_config)), grid
+            )
+            if m.metadata.dst_node_id in names
+        ]
         eval_replies = _record(
             grid.send_and_receive(eval_messages, timeout=config.round_timeout_s),
             server_round,
@@ -451,15 +471,15 @@ def run_federation(
         _log_round(result, server_round, config.rounds, result.round_seconds[-1])
         if on_round_end is not None:
             on_round_end(result)
-        refusals = [
+        refused = [
             e for e in result.events if e.round == server_round and e.kind.endswith("-refused")
         ]
-        if refusals and config.on_site_refusal == "stop":
+        if refused and config.on_site_refusal == "stop":
             result.events.append(
                 RoundEvent(
                     server_round,
                     "run-stopped",
-                    f"{len(refusals)} site refusal(s); on_site_refusal=stop",
+                    f"{len(refused)} site refusal(s); on_site_refusal=stop",
                 )
             )
             logger.error(

@@ -29,6 +29,17 @@ PACKAGES = [
     "clinfed.privacy",
     "clinfed.privacy.accountant",
     "clinfed.privacy.secagg",
+    "clinfed.privacy.ledger",
+    "clinfed.privacy.mia",
+    "clinfed.client.policy",
+    "clinfed.client.audit",
+    "clinfed.client.governance",
+    "clinfed.client.secure",
+    "clinfed.server.secure",
+    "clinfed.deploy",
+    "clinfed.deploy.pki",
+    "clinfed.deploy.launch",
+    "clinfed.deploy.preflight",
 ]
 
 
