@@ -38,8 +38,10 @@ def test_simulate_prints_a_per_site_table_and_leaves_nothing_running(
         accuracy, auc, _loss, epsilon = (float(v) for v in line.split()[2:6])
         assert 0 < accuracy <= 1 and 0 < auc <= 1 and 0 < epsilon <= 1.0
     assert "round 1/2" in done.stderr and "round 2/2" in done.stderr  # progress while it runs
-    folders = list(tmp_path.iterdir())
+    folders = [f for f in tmp_path.iterdir() if f.name != "site-state"]
     assert len(folders) == 1
+    ledgers = list((tmp_path / "site-state").glob("*/*/ledger.jsonl"))
+    assert sorted(p.parent.name for p in ledgers) == ["berlin", "nantes", "paris"]
     document = json.loads((folders[0] / "metrics.json").read_text())
     assert sorted(document["final"]) == ["berlin", "nantes", "paris"]
     for name in ("metrics.csv", "model.pt", "config.yaml", "summary.txt"):
