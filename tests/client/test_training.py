@@ -147,3 +147,97 @@ def test_roc_auc_matches_the_pairwise_definition(seed: int) -> None:
 
 def test_roc_auc_is_nan_with_one_class() -> None:
     assert np.isnan(roc_auc(np.array([[0.2, 0.8], [0.4, 0.6]]), np.array([1, 1])))
+
+
+def _opacus_reference_train(
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    settings: TrainSettings,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> None:
+    """DP-SGD exactly as Opacus does it: GradSampleModule + DPOptimizer, Poisson batches.
+
+    The reference the project's loop must match, parameter for parameter (same generator, same
+    draws): it exists only here, in the test.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from clinfed.client.training import _loss, _poisson_batch
+
+    n = len(labels)
+    q = min(1.0, settings.batch_size / n)
+    steps = max(1, round(1 / q)) * settings.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        sgd,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        expected_batch_size=settings.batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    model.train()
+    for _ in range(steps):
+        batch = _poisson_batch(n, q, generator)
+        optimizer.zero_grad(set_to_none=True)
+        if len(batch) == 0:
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+        else:
+            _loss(gsm(features[batch]), labels[batch]).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    gsm.to_standard_module()
+
+
+@pytest.mark.parametrize(
+    ("name", "num_features", "num_classes", "batch_size"),
+    [
+        ("logreg", 6, 2, 20),
+        ("logreg", 6, 4, 20),
+        ("mlp", 6, 2, 20),
+        ("mlp", 6, 3, 7),
+        ("cnn", 64, 2, 8),
+    ],
+)
+def test_dp_step_equals_opacus_dpoptimizer(
+    name: str, num_features: int, num_classes: int, batch_size: int
+) -> None:
+    # Arrange: two identical models, the same data, two generators with the same seed
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, num_features, generator=g) * 3
+    y = torch.randint(0, num_classes, (60,), generator=g)
+    torch.manual_seed(0)
+    ours = create_model(name, num_features=num_features, num_classes=num_classes, hidden=[8])
+    reference = create_model(name, num_features=num_features, num_classes=num_classes, hidden=[8])
+    reference.load_state_dict(ours.state_dict())
+    settings = TrainSettings(epochs=2, batch_size=batch_size, lr=0.3, max_grad_norm=0.7)
+
+    # Act
+    train(
+        ours,
+        x,
+        y,
+        settings=settings,
+        noise_multiplier=1.3,
+        generator=torch.Generator().manual_seed(11),
+    )
+    _opacus_reference_train(
+        reference,
+        x,
+        y,
+        settings=settings,
+        noise_multiplier=1.3,
+        generator=torch.Generator().manual_seed(11),
+    )
+
+    # Assert: the same parameters, up to float32 rounding
+    for (key, a), (_, b) in zip(
+        ours.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
