@@ -256,6 +256,19 @@ def _log_round(
     )
 
 
+def _cast_like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """``new`` in ``old``'s dtypes: the global model keeps its dtype whatever the strategy computes.
+
+    Flower's FedAdam returns float64 arrays (NumPy promotion); sent on, they would double the
+    downlink and no longer match the model a site trains, whose egress guard then refuses.
+    """
+    if all(new[k].dtype == old[k].dtype for k in old):
+        return new
+    return ArrayRecord(
+        {k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old}  # type: ignore[call-overload]
+    )
+
+
 def _wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> bool:
     """Wait (bounded) until ``min_sites`` nodes are connected.
 
@@ -451,7 +464,7 @@ def run_federation(
                 )
                 break
         else:
-            arrays = new_arrays
+            arrays = _cast_like(new_arrays, arrays)
         eval_messages = [
             m
             for m in strategy.configure_evaluate(

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
@@ -185,10 +186,15 @@ def _check_scalars(metrics: MetricRecord, allowed: frozenset[str]) -> None:
     assert all(isinstance(v, int | float) for v in metrics.values())
 
 
+@pytest.mark.parametrize("secure", ["true", "false"])
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_other_strategies_run(demo_config: Demo, strategy: str) -> None:
-    result = run_inprocess_federation(demo_config("rounds=2", f"strategy.name={strategy}"))
+def test_other_strategies_run(demo_config: Demo, strategy: str, secure: str) -> None:
+    result = run_inprocess_federation(
+        demo_config("rounds=3", f"strategy.name={strategy}", f"secure_aggregation.enabled={secure}")
+    )
 
+    assert not result.events, result.events  # e.g. FedAdam's float64 would be refused by sites
+    assert all(v.dtype == torch.float32 for v in result.final_state.values())
     assert sorted(result.final("evaluate")) == SITES
     assert all(not math.isnan(m.accuracy) for m in result.final("evaluate").values())
 
