@@ -88,31 +88,34 @@ def quantize(
         raise TypeError(
             f"secagg quantize expects a float32/float64 update. Found dtype {values.dtype}."
         )
-    weighted = values.astype(np.float64, copy=False).ravel() * float(weight)
-    finite = np.isfinite(weighted)
-    if not finite.all():
+    # One float64 working buffer, transformed in place (this runs on every site every round).
+    weighted = np.multiply(values.ravel(), float(weight), dtype=np.float64)
+    if not np.isfinite(weighted.sum()) and not np.isfinite(weighted).all():
+        finite = np.isfinite(weighted)
         raise QuantizationRangeError(
             f"the weighted update holds {int(np.count_nonzero(~finite))} non-finite values "
             "(NaN or inf) that secure aggregation cannot encode; training probably diverged."
         )
     r = float(config.clip_range)
-    out_of_range = int(np.count_nonzero(np.abs(weighted) > r))
+    out_of_range = int(np.count_nonzero(weighted > r)) + int(np.count_nonzero(weighted < -r))
     if out_of_range and config.on_out_of_range == "raise":
         raise QuantizationRangeError(
             f"{out_of_range} of {weighted.size} weighted values lie outside "
             f"[-{r}, {r}]; raise secagg `clip_range`, lower the weight, or clip updates "
             "before aggregation (set on_out_of_range='count' to clip and report instead)."
         )
-    scaled = np.clip(weighted, -r, r) * config.scale
+    np.clip(weighted, -r, r, out=weighted)
+    weighted *= config.scale
     if config.rounding == "stochastic":
         seed = int.from_bytes(random_bytes(32), "big")
-        noise = np.random.Generator(np.random.PCG64(seed)).random(scaled.size)
-        rounded = np.floor(scaled + noise)
+        weighted += np.random.Generator(np.random.PCG64(seed)).random(weighted.size)
+        np.floor(weighted, out=weighted)
     else:
-        rounded = np.rint(scaled)
+        np.rint(weighted, out=weighted)
     # Float rounding of v * scale (and of L itself, for b > 53) may land a step outside [-L, L];
     # clipping the integers keeps the no-overflow guarantee exact.
-    signed = np.clip(rounded.astype(np.int64), -config.level, config.level)
+    signed = weighted.astype(np.int64)
+    np.clip(signed, -config.level, config.level, out=signed)
     encoded = _to_ring(signed, config.bits)
     return QuantizedUpdate(values=encoded, bits=config.bits, out_of_range=out_of_range)
 
@@ -132,6 +135,8 @@ def quantization_error_bound(config: SecAggConfig, *, num_sites: int) -> float:
 
 
 def _to_ring(signed: npt.NDArray[np.int64], bits: int) -> npt.NDArray[np.unsignedinteger]:
+    if bits == 32:  # integer casts wrap: two's complement mod 2^32 in one pass
+        return signed.astype(np.uint32)
     as_unsigned = signed.astype(np.uint64)  # two's complement wraparound, i.e. mod 2^64
     if bits < 64:
         as_unsigned &= np.uint64((1 << bits) - 1)
