@@ -98,6 +98,7 @@ def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:
         raise ConfigError(
             f"min_sites is {run.min_sites} but the simulation has only {len(config.sites)} site(s)."
         )
+    prepare_site_state(config)
     server_app = build_server_app(run, on_result=keep)
     client_app = build_client_app(_SimulatedSites(config.sites))
     backend = {
