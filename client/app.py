@@ -159,8 +159,32 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
     """The ClientApp, with the site's configuration found by ``resolve_site``."""
     client_app = ClientApp()
 
-    @client_app.query(mods=[egress_guard_mod])
-    def query(msg: Message, context: Context) -> Message:
+    def audited(
+        kind: str, handler: Callable[[Message, Context], Message]
+    ) -> Callable[[Message, Context], Message]:
+        """Audit a request and its decision around ``handler`` (training audits itself)."""
+
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                governance = Governance(resolve_site(context))
+            except ClinfedError:
+                return handler(msg, context)  # the handler raises the same error, reported as is
+            governance.audit(kind="request", message=kind, run=str(context.run_id))
+            try:
+                reply = handler(msg, context)
+            except ClinfedError as error:
+                governance.audit(
+                    kind="decision", decision="refused", message=kind, reason=str(error)
+                )
+                raise
+            governance.audit(
+                kind="decision", decision="accepted", message=kind, bytes_sent=_payload_bytes(reply)
+            )
+            return reply
+
+        return run
+
+    def query_handler(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
         kind = wire.read_str(config, K.QUERY, sender=_SERVER)
         if kind == wire.QUERY_SECAGG_UNMASK:
@@ -299,8 +323,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         )
         return reply, spend
 
-    @client_app.evaluate(mods=[egress_guard_mod])
-    def evaluate(msg: Message, context: Context) -> Message:
+    def evaluate_handler(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         torch.set_num_threads(site.torch_threads)
         data = load_site_data(site)
@@ -328,6 +351,8 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             reply_to=msg,
         )
 
+    client_app.query(mods=[egress_guard_mod])(audited("query", query_handler))
+    client_app.evaluate(mods=[egress_guard_mod])(audited("evaluate", evaluate_handler))
     return client_app
 
 

@@ -10,8 +10,10 @@ no-op except the audit, which then also does nothing.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 
+import clinfed
 from clinfed.client.audit import AuditLog
 from clinfed.client.policy import (
     PolicyRequest,
@@ -25,7 +27,21 @@ from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError
 from clinfed.privacy.ledger import PrivacyLedger
 
-__all__ = ["Governance"]
+__all__ = ["APP_HASH_ENV", "Governance", "app_identity"]
+
+APP_HASH_ENV = "CLINFED_APP_HASH"
+"""Set by the site's launcher (``clinfed-clientapp``) to the SHA-256 of the approved app bundle."""
+
+
+def app_identity() -> str:
+    """The running app's identity for the audit log.
+
+    Its verified bundle hash when launched by the site's approval-checking launcher, else the
+    clinfed version (simulation, tests).
+    """
+    digest = os.environ.get(APP_HASH_ENV, "")
+    return f"fab:{digest}" if digest else f"clinfed {clinfed.__version__} (not launched as a FAB)"
+
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +71,7 @@ class Governance:
             return
         log = AuditLog.open(self._audit_path)
         try:
-            log.append({"site": self.site.name, **event})
+            log.append({"site": self.site.name, "app": app_identity(), **event})
         finally:
             log.close()
 

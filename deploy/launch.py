@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clinfed.client.governance import APP_HASH_ENV, Governance
 from clinfed.config import ServerDeployConfig, SiteConfig, load_site_config
 from clinfed.errors import ConfigError, PrivacyError
 
@@ -142,6 +143,12 @@ def start_site(config_path: Path) -> None:
     (:func:`run_superexec_with_approval`), so that every task goes through the approval check.
     """
     site = load_site_config(config_path)
+    if not site.governance.policy:
+        raise ConfigError(
+            f"site {site.name}: a deployed site needs governance.policy, governance.ledger and "
+            "governance.audit_log (see README, 'Run a site')."
+        )
+    Governance(site)  # a bad policy file stops the site here, at start-up, in one line
     if not site.approved_apps:
         logger.warning(
             "site %s approves no app yet: every request will be refused until approved_apps "
@@ -215,7 +222,8 @@ def run_clientapp_with_approval() -> None:
             raise AppNotApprovedError(
                 f"{APPROVAL_ENV} is not set: this site cannot check which apps are approved, so it runs none."
             )
-        check_app_approved(fab_content, load_site_config(config_path))
+        digest = check_app_approved(fab_content, load_site_config(config_path))
+        os.environ[APP_HASH_ENV] = digest  # the audit log names the app by its verified hash
         return install(fab_content, *args, **kwargs)  # type: ignore[arg-type]
 
     runtime.install_from_fab = install_if_approved  # type: ignore[attr-defined,assignment]

@@ -265,7 +265,7 @@ def _cast_like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     if all(new[k].dtype == old[k].dtype for k in old):
         return new
     return ArrayRecord(
-        {k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old}  # type: ignore[call-overload]
+        {k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old}
     )
 
 

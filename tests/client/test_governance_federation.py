@@ -70,13 +70,20 @@ def test_every_spend_is_in_the_ledger_and_every_decision_in_the_audit_log(
     for site in ("paris", "nantes", "berlin"):
         assert _ledger_rounds(tmp_path, site) == 3
         report = verify_audit_log(tmp_path / site / "audit.jsonl")
-        assert report.ok and report.entries == 1 + 3 * 2  # created + (request, decision) per round
+        # created + (request, decision) for the discovery query, 3 trainings and 3 evaluations
+        assert report.ok and report.entries == 1 + 2 * (1 + 3 + 3)
         entries = [
             json.loads(line) for line in (tmp_path / site / "audit.jsonl").read_text().splitlines()
         ]
-        accepted = [e for e in entries if e.get("decision") == "accepted"]
+        accepted = [e for e in entries if e.get("decision") == "accepted" and "epsilon_run" in e]
         assert len(accepted) == 3 and all(e["bytes_sent"] > 0 for e in accepted)
         assert accepted[-1]["epsilon_run"] <= 1.0
+        assert all(e["app"].startswith("clinfed ") for e in entries[1:])  # no FAB in simulation
+        assert {e["message"] for e in entries if e.get("kind") == "request"} == {
+            "query",
+            "train",
+            "evaluate",
+        }
 
 
 def test_a_run_that_would_exceed_the_remaining_budget_is_refused_before_training(
