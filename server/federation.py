@@ -264,9 +264,7 @@ def _cast_like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     """
     if all(new[k].dtype == old[k].dtype for k in old):
         return new
-    return ArrayRecord(
-        {k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old}
-    )
+    return ArrayRecord({k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old})
 
 
 def _wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> bool:

@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from opacus.accountants import RDPAccountant
 
