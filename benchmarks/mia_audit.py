@@ -34,6 +34,7 @@ from benchmarks.common import (
     fmt_mean_std,
     format_environment,
     markdown_table,
+    write_section,
 )
 from clinfed.client.site import load_site_data
 from clinfed.client.training import TrainSettings
@@ -195,18 +196,6 @@ Reproduce: `python -m benchmarks.mia_audit` ({minutes:.1f} min).
 
 {env}
 """
-
-
-def write_section(text: str) -> None:
-    """Replace our section of RESULTS.md, or append it at the end; touch nothing else."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(f"\n{HEADING}\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + 1)
-        new = old[: start + 1] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    RESULTS.write_text(new, encoding="utf-8")
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ from benchmarks.common import (
     format_environment,
     markdown_table,
     median,
+    write_section,
 )
 from clinfed import wire
 from clinfed.client import secure as client_secure
@@ -814,21 +815,6 @@ def verdicts(data: dict[str, Any]) -> list[str]:
             )
         )
     return out
-
-
-def write_section(text: str) -> None:
-    """Replace our section of RESULTS.md, or append it at the end; touch nothing else.
-
-    The file is re-read right before writing: other benchmarks edit their own sections of it.
-    """
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(f"\n{HEADING}\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + 1)
-        new = old[: start + 1] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    RESULTS.write_text(new, encoding="utf-8")
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
