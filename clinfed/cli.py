@@ -19,13 +19,16 @@ __all__ = ["main"]
 
 def _simulate(args: argparse.Namespace) -> int:
     from clinfed.config import load_simulation_config  # noqa: PLC0415 - keep --help fast
+    from clinfed.server.results import format_summary  # noqa: PLC0415
     from clinfed.simulation import check_sites, run_simulated_federation  # noqa: PLC0415
 
     undo_opacus_root_handler()
     config = load_simulation_config(args.config, args.overrides)
     check_sites(config)  # bad site data fails here, in one line, before any process starts
     outcome = run_simulated_federation(config)
-    print(f"\nresults: {outcome.folder}")
+    # Printed here, in the main thread, once Flower's engine has shut down.
+    print(format_summary(outcome.result), end="", flush=True)
+    print(f"\nresults: {outcome.folder}", flush=True)
     return 0
 
 

@@ -99,7 +99,7 @@ def run_simulated_federation(config: SimulationConfig) -> SimulationOutcome:
             f"min_sites is {run.min_sites} but the simulation has only {len(config.sites)} site(s)."
         )
     prepare_site_state(config)
-    server_app = build_server_app(run, on_result=keep)
+    server_app = build_server_app(run, on_result=keep, print_summary=False)
     client_app = build_client_app(_SimulatedSites(config.sites))
     backend = {
         "client_resources": {"num_cpus": config.federation.cpus_per_site, "num_gpus": 0.0},

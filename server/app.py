@@ -40,6 +40,7 @@ def build_server_app(
     config: RunConfig | None = None,
     *,
     on_result: ResultSink | None = None,
+    print_summary: bool = True,
 ) -> ServerApp:
     """The ServerApp; ``config`` fixes the run settings (else they come from the run config)."""
     server_app = ServerApp()
@@ -50,7 +51,8 @@ def build_server_app(
         result = run_federation(grid, run)
         folder = write_results(result, run.output_dir)
         logger.info("results written to %s", folder)
-        print(format_summary(result), end="", flush=True)
+        if print_summary:
+            print(format_summary(result), end="", flush=True)
         if on_result is not None:
             on_result(result, folder)
 

@@ -34,7 +34,9 @@ def test_simulate_prints_a_per_site_table_and_leaves_nothing_running(
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
     for site in ("paris", "nantes", "berlin"):
-        line = next(line for line in table.splitlines() if line.startswith(site))
+        lines = [line for line in table.splitlines() if line.startswith(site)]
+        assert lines, f"no row for {site} in stdout:\n{table}\nstderr:\n{done.stderr[-3000:]}"
+        line = lines[0]
         accuracy, auc, _loss, epsilon = (float(v) for v in line.split()[2:6])
         assert 0 < accuracy <= 1 and 0 < auc <= 1 and 0 < epsilon <= 1.0
     assert "round 1/2" in done.stderr and "round 2/2" in done.stderr  # progress while it runs
