@@ -39,7 +39,6 @@ __all__ = [
     "run_round",
     "schema_fingerprint",
     "site_evaluate",
-    "site_train",
 ]
 
 logger = logging.getLogger(__name__)
@@ -254,19 +253,6 @@ def run_round(
         )
     state.history.append(plan.step)
     return result
-
-
-def site_train(
-    model: nn.Module,
-    data: SiteData,
-    request: RoundRequest,
-    *,
-    site: SiteConfig,
-    state: DPState,
-) -> tuple[TrainResult, float]:
-    """:func:`plan_round` then :func:`run_round`; returns the result and the run's ε after it."""
-    plan = plan_round(data, request, site=site, state=state)
-    return run_round(model, data, request, plan, site=site, state=state), plan.epsilon_after
 
 
 def site_evaluate(model: nn.Module, data: SiteData) -> EvalResult:

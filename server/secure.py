@@ -41,7 +41,6 @@ from clinfed.errors import ConfigError, ProtocolError
 from clinfed.privacy.secagg import (
     KeyAdvertisement,
     MaskedInput,
-    SecAggAbortedError,
     SecAggConfig,
     SecAggResult,
     SecAggRound,
@@ -300,6 +299,3 @@ def _mean_metrics(
     total = sum(n for n, _ in rows)
     loss = sum(n * loss for n, loss in rows) / total if total else float("nan")
     return {K.NUM_EXAMPLES: total, K.TRAIN_LOSS: loss}
-
-
-_ = SecAggAbortedError  # re-raised to callers from start_round / result
