@@ -64,6 +64,7 @@ _SERVER = "the server"
 def _request(config: ConfigRecord) -> RoundRequest:
     settings = TrainSettings(
         epochs=wire.read_int(config, K.LOCAL_EPOCHS, sender=_SERVER),
+        local_steps=wire.read_int(config, K.LOCAL_STEPS, sender=_SERVER),
         batch_size=wire.read_int(config, K.BATCH_SIZE, sender=_SERVER),
         lr=wire.read_float(config, K.LR, sender=_SERVER),
         momentum=wire.read_float(config, K.MOMENTUM, sender=_SERVER),
@@ -78,6 +79,7 @@ def _request(config: ConfigRecord) -> RoundRequest:
     )
     s = settings
     if min(s.epochs, s.batch_size, request.num_rounds, request.server_round) < 1 or not (
+        s.local_steps >= 0 and
         s.lr > 0 and s.max_grad_norm > 0 and 0 <= s.momentum < 1 and s.proximal_mu >= 0
     ):
         raise ProtocolError(f"the server's training settings are out of range: {s}.")

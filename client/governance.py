@@ -101,6 +101,7 @@ class Governance:
                 model=model,
                 rounds=request.num_rounds,
                 local_epochs=s.epochs,
+                local_steps=s.local_steps,
                 batch_size=s.batch_size,
                 max_grad_norm=s.max_grad_norm,
                 dp=dp,

@@ -229,6 +229,7 @@ class PolicyRequest:
     run_epsilon: float | None
     delta: float | None
     noise_multiplier: float | None
+    local_steps: int = 0
 
     def __post_init__(self) -> None:
         planned = (self.run_epsilon, self.delta, self.noise_multiplier)

@@ -133,7 +133,10 @@ class DPState:
 
 def _plan_signature(request: RoundRequest, num_records: int) -> str:
     s = request.settings
-    return f"rounds={request.num_rounds};epochs={s.epochs};batch={s.batch_size};n={num_records}"
+    return (
+        f"rounds={request.num_rounds};epochs={s.epochs};steps={s.local_steps};"
+        f"batch={s.batch_size};n={num_records}"
+    )
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def plan_round(
         num_records=n,
         batch_size=request.settings.batch_size,
         epochs_per_round=request.settings.epochs,
+        local_steps=request.settings.local_steps,
         rounds=request.num_rounds,
     )
     plan = _plan_signature(request, n)

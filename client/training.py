@@ -36,6 +36,7 @@ from torch import nn
 
 from clinfed.client.metrics import accuracy, roc_auc
 from clinfed.errors import PrivacyError
+from clinfed.privacy.accountant import planned_steps
 
 __all__ = [
     "EvalResult",
@@ -49,7 +50,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training for one round. ``proximal_mu > 0`` adds FedProx's proximal term."""
+    """Local training for one round. ``proximal_mu > 0`` adds FedProx's proximal term.
+
+    ``local_steps > 0`` fixes the number of Poisson-sampled steps per round (``epochs`` is then
+    ignored); 0 trains ``epochs`` epochs of ``round(1 / q)`` steps.
+    """
 
     epochs: int
     batch_size: int
@@ -57,6 +62,7 @@ class TrainSettings:
     max_grad_norm: float
     momentum: float = 0.0
     proximal_mu: float = 0.0
+    local_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,13 @@ def train(
     if n == 0:
         raise PrivacyError("cannot train on an empty training split.")
     sample_rate = min(1.0, settings.batch_size / n)
-    steps_per_epoch = max(1, round(1 / sample_rate))
-    total_steps = steps_per_epoch * settings.epochs
+    _, total_steps = planned_steps(
+        num_records=n,
+        batch_size=settings.batch_size,
+        epochs_per_round=settings.epochs,
+        local_steps=settings.local_steps,
+        rounds=1,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     sgd = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
@@ -138,7 +149,9 @@ def train(
         params,
         max_grad_norm=settings.max_grad_norm,
         noise_multiplier=noise_multiplier,
-        expected_batch_size=settings.batch_size,
+        # Opacus' make_private: the expected Poisson batch q * n, which is n (not batch_size)
+        # when batch_size > n; the noisy sum is averaged over the batch a step actually expects.
+        expected_batch_size=max(1, round(sample_rate * n)),
         generator=generator,
     )
     try:

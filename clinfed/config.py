@@ -49,7 +49,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 ACCOUNTANTS = ("rdp", "prv")
 SCALINGS = ("federated", "local", "none")
 
@@ -83,8 +83,9 @@ class ModelConfig:
 class StrategyConfig:
     """Server-side aggregation.
 
-    ``fedavg`` (McMahan et al., 2017), ``fedprox`` (Li et al., 2020; ``proximal_mu``) or
-    ``fedadam`` (Reddi et al., 2021; ``server_lr``, ``beta_1``, ``beta_2``, ``tau``).
+    ``fedavg`` (McMahan et al., 2017), ``fedprox`` (Li et al., 2020; ``proximal_mu``),
+    ``fedadam`` or ``fedyogi`` (Reddi et al., 2021; ``server_lr``, ``beta_1``, ``beta_2``,
+    ``tau``). Flower's FedAdam bias-corrects its server step; its FedYogi does not (as FLamby's).
     """
 
     name: str = "fedavg"
@@ -114,10 +115,13 @@ class TrainConfig:
 
     ``batch_size`` is the *expected* batch size of Poisson sampling: each record joins a step's
     batch independently with probability ``batch_size / n_train``. ``max_grad_norm`` is the
-    per-record clipping bound of DP-SGD (the sensitivity of one step).
+    per-record clipping bound of DP-SGD (the sensitivity of one step). ``local_steps > 0``
+    replaces ``local_epochs``: every site takes that many Poisson-sampled steps per round,
+    whatever its size (FLamby's "100 local updates"); 0 = ``local_epochs`` epochs.
     """
 
     local_epochs: int = 1
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.0
@@ -127,6 +131,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(
             self.local_epochs >= 1, f"train.local_epochs must be >= 1; found {self.local_epochs}."
+        )
+        _require(
+            self.local_steps >= 0,
+            f"train.local_steps must be >= 0 (0 = use local_epochs); found {self.local_steps}.",
         )
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1; found {self.batch_size}.")
         _require(self.lr > 0, f"train.lr must be > 0; found {self.lr}.")

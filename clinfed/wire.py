@@ -59,6 +59,7 @@ class Keys:
     SERVER_ROUND: Final = "server-round"  # injected by Flower's strategies
     NUM_ROUNDS: Final = "num-rounds"
     LOCAL_EPOCHS: Final = "local-epochs"
+    LOCAL_STEPS: Final = "local-steps"
     BATCH_SIZE: Final = "batch-size"
     LR: Final = "lr"
     MOMENTUM: Final = "momentum"

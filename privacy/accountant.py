@@ -67,15 +67,18 @@ class DPStep:
 
 
 def planned_steps(
-    *, num_records: int, batch_size: int, epochs_per_round: int, rounds: int
+    *, num_records: int, batch_size: int, epochs_per_round: int, rounds: int, local_steps: int = 0
 ) -> tuple[float, int]:
     """The sampling rate and the number of DP-SGD steps a site takes over a whole run.
 
-    An epoch is ``round(1 / q)`` steps of expected batch size ``batch_size``.
+    An epoch is ``round(1 / q)`` steps of expected batch size ``batch_size``; ``local_steps > 0``
+    fixes the steps per round instead (``epochs_per_round`` is then ignored).
     """
     if num_records < 1:
         raise PrivacyError(f"a site needs at least one training record; found {num_records}.")
     sample_rate = min(1.0, batch_size / num_records)
+    if local_steps > 0:
+        return sample_rate, local_steps * rounds
     steps_per_epoch = max(1, round(1 / sample_rate))
     return sample_rate, steps_per_epoch * epochs_per_round * rounds
 

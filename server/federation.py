@@ -165,6 +165,7 @@ def _train_config(config: RunConfig) -> ConfigRecord:
             K.RUN_NAME: config.name,
             K.NUM_ROUNDS: config.rounds,
             K.LOCAL_EPOCHS: t.local_epochs,
+            K.LOCAL_STEPS: t.local_steps,
             K.BATCH_SIZE: t.batch_size,
             K.LR: float(t.lr),
             K.MOMENTUM: float(t.momentum),

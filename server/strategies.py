@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypedDict
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from clinfed import wire
 from clinfed.config import StrategyConfig
@@ -83,6 +83,17 @@ def _fedprox(config: StrategyConfig, min_sites: int) -> Strategy:
 @register_strategy("fedadam")
 def _fedadam(config: StrategyConfig, min_sites: int) -> Strategy:
     return FedAdam(
+        eta=config.server_lr,
+        beta_1=config.beta_1,
+        beta_2=config.beta_2,
+        tau=config.tau,
+        **_common(min_sites),
+    )
+
+
+@register_strategy("fedyogi")
+def _fedyogi(config: StrategyConfig, min_sites: int) -> Strategy:
+    return FedYogi(
         eta=config.server_lr,
         beta_1=config.beta_1,
         beta_2=config.beta_2,

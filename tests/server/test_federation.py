@@ -187,7 +187,7 @@ def _check_scalars(metrics: MetricRecord, allowed: frozenset[str]) -> None:
 
 
 @pytest.mark.parametrize("secure", ["true", "false"])
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
 def test_other_strategies_run(demo_config: Demo, strategy: str, secure: str) -> None:
     result = run_inprocess_federation(
         demo_config("rounds=3", f"strategy.name={strategy}", f"secure_aggregation.enabled={secure}")
