@@ -79,8 +79,11 @@ def _request(config: ConfigRecord) -> RoundRequest:
     )
     s = settings
     if min(s.epochs, s.batch_size, request.num_rounds, request.server_round) < 1 or not (
-        s.local_steps >= 0 and
-        s.lr > 0 and s.max_grad_norm > 0 and 0 <= s.momentum < 1 and s.proximal_mu >= 0
+        s.local_steps >= 0
+        and s.lr > 0
+        and s.max_grad_norm > 0
+        and 0 <= s.momentum < 1
+        and s.proximal_mu >= 0
     ):
         raise ProtocolError(f"the server's training settings are out of range: {s}.")
     if request.server_round > request.num_rounds:
