@@ -17,14 +17,19 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from clinfed._prompt import prompt_pulls, prompt_sleeps
 from clinfed.client.governance import APP_HASH_ENV, Governance
 from clinfed.config import ServerDeployConfig, SiteConfig, load_site_config
+from clinfed.deploy.warm import SOCKET_ENV
 from clinfed.errors import ConfigError, PrivacyError
 
 __all__ = [
     "APPROVAL_ENV",
+    "LAUNCHER_ENV",
+    "POLL_ENV",
     "AppNotApprovedError",
     "check_app_approved",
     "run_clientapp_with_approval",
@@ -41,6 +46,60 @@ APPROVAL_ENV = "CLINFED_SITE_CONFIG"
 """Environment variable naming the site config whose ``approved_apps`` every task is checked against."""
 
 CLIENTAPP_COMMAND = "clinfed-clientapp"
+
+POLL_ENV = "CLINFED_POLL_S"
+"""Seconds between a site's polls for work (default 0.1; Flower polls every 1–3 s). ``flower``
+keeps Flower's own intervals everywhere, the server's included (for measurements)."""
+
+LAUNCHER_ENV = "CLINFED_TASK_LAUNCHER"
+"""``warm`` (default): tasks fork from a pre-imported zygote (:mod:`clinfed.deploy.warm`);
+``cold``: a fresh process per task, as Flower does (for measurements)."""
+
+_DEFAULT_POLL_S = 0.1
+
+
+def poll_interval() -> float | None:
+    """The polling interval from ``CLINFED_POLL_S``; ``None`` = keep Flower's own."""
+    raw = os.environ.get(POLL_ENV, "")
+    if raw == "flower":
+        return None
+    if not raw:
+        return _DEFAULT_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 10:
+        raise ConfigError(
+            f"{POLL_ENV} must be a number of seconds in [0.01, 10] or 'flower'; found {raw!r}."
+        )
+    return value
+
+
+def _prompt_site(poll_s: float) -> None:
+    """The SuperNode in this process polls every ``poll_s`` s and pulls objects promptly."""
+    import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
+
+    prompt_sleeps(loop, poll_s)
+    prompt_pulls(loop)
+
+
+def _start_zygote() -> tuple[subprocess.Popen[bytes], Path]:
+    """Start the warm task launcher; its socket lives in a directory only this user opens."""
+    folder = Path(tempfile.mkdtemp(prefix="clinfed-warm-"))  # mode 0700
+    path = folder / "tasks.sock"
+    zygote = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clinfed.deploy.warm",
+            "--socket",
+            str(path),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+    )
+    return zygote, path
 
 
 class AppNotApprovedError(PrivacyError):
@@ -160,6 +219,19 @@ def start_site(config_path: Path) -> None:
 
     os.environ[APPROVAL_ENV] = str(config_path.resolve())
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    poll_s = poll_interval()
+    if poll_s is not None:
+        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(poll_s)
+        _prompt_site(poll_s)
+    mode = os.environ.get(LAUNCHER_ENV, "warm")
+    if mode not in ("warm", "cold"):
+        raise ConfigError(f"{LAUNCHER_ENV} must be 'warm' or 'cold'; found {mode!r}.")
+    zygote = None
+    if mode == "warm":
+        zygote, socket_path = _start_zygote()
+        os.environ[SOCKET_ENV] = str(socket_path)
+    else:
+        os.environ.pop(SOCKET_ENV, None)
     runtime = f"127.0.0.1:{site.connection.runtime_port}"
     launcher = subprocess.Popen(
         [
@@ -178,6 +250,8 @@ def start_site(config_path: Path) -> None:
         flower_supernode()
     finally:
         launcher.terminate()
+        if zygote is not None:
+            zygote.terminate()
 
 
 def run_superexec_with_approval(argv: list[str]) -> None:
@@ -227,6 +301,8 @@ def run_clientapp_with_approval() -> None:
         return install(fab_content, *args, **kwargs)  # type: ignore[arg-type]
 
     runtime.install_from_fab = install_if_approved  # type: ignore[attr-defined,assignment]
+    if poll_interval() is not None:  # the task's message pull: 20 ms retries, not 1 s
+        prompt_pulls(runtime)
     sys.argv[0] = "flwr-clientapp"
     flwr_clientapp()
 

@@ -53,7 +53,7 @@ __all__ = ["SecAggSite"]
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION: Final = 1
+_STATE_VERSION: Final = 2
 
 
 @dataclass
@@ -106,6 +106,10 @@ class SecAggSite:
         self._random_bytes = random_bytes
         self._keys: SiteKeys | None = None
         self._peers: dict[int, tuple[int, bytes, bytes]] = {}  # id → (epoch, mask pk, enc pk)
+        # X25519 secret shared with each peer's mask key under this site's current keys:
+        # id → (peer mask pk, secret). Per-round seeds come from it through HKDF, so it is
+        # agreed once per key epoch, not once per round; new keys on either side replace it.
+        self._pair_secrets: dict[int, tuple[bytes, bytes]] = {}
         self._last_round = -1
         self._pending: _PendingRound | None = None
 
@@ -126,6 +130,7 @@ class SecAggSite:
             self._fail(f"setup request is addressed to site {request.site_id}")
         self._check_digest(request.config_digest, "setup request")
         self._keys = generate_site_keys(epoch=self.key_epoch + 1, random_bytes=self._random_bytes)
+        self._pair_secrets.clear()
         logger.info("secagg site %d: advertising key epoch %d", self.site_id, self._keys.epoch)
         return KeyAdvertisement(
             run_id=self.run_id,
@@ -161,7 +166,12 @@ class SecAggSite:
         others = tuple(j for j in participants if j != self.site_id)
         for j in others:
             _, mask_pk, _ = request.keys_of(j)
-            shared = self._agree(keys.mask_private, mask_pk, peer=j, purpose="mask")
+            cached = self._pair_secrets.get(j)
+            if cached is not None and cached[0] == mask_pk:
+                shared = cached[1]
+            else:
+                shared = self._agree(keys.mask_private, mask_pk, peer=j, purpose="mask")
+                self._pair_secrets[j] = (mask_pk, shared)
             seed = pair_mask_seed(
                 shared, run_id=self.run_id, round_id=round_id, site_a=self.site_id, site_b=j
             )
@@ -282,6 +292,9 @@ class SecAggSite:
             "peer-epochs": [self._peers[j][0] for j in peers],
             "peer-mask-pks": [self._peers[j][1] for j in peers],
             "peer-enc-pks": [self._peers[j][2] for j in peers],
+            "pair-ids": sorted(self._pair_secrets),
+            "pair-pks": [self._pair_secrets[j][0] for j in sorted(self._pair_secrets)],
+            "pair-secrets": [self._pair_secrets[j][1] for j in sorted(self._pair_secrets)],
             "pending-round": pending.round_id if pending else -1,
             "pending-participants": list(participants),
             "pending-threshold": pending.threshold if pending else 0,
@@ -330,6 +343,12 @@ class SecAggSite:
         site._peers = {
             j: (e, m, k)
             for j, e, m, k in zip(peer_ids, peer_epochs, mask_pks, enc_pks, strict=True)
+        }
+        pair_ids = read.integers("pair-ids")
+        pair_pks = read.blobs("pair-pks", len(pair_ids), KEY_BYTES)
+        pair_secrets = read.blobs("pair-secrets", len(pair_ids), KEY_BYTES)
+        site._pair_secrets = {
+            j: (pk, secret) for j, pk, secret in zip(pair_ids, pair_pks, pair_secrets, strict=True)
         }
         pending_round = read.integer("pending-round")
         if pending_round >= 0:

@@ -228,6 +228,9 @@ def test_a_full_secure_dp_run_gives_per_site_results(federation: Federation) -> 
             (federation.root / "sites" / name / "state" / "ledger.jsonl").read_text().splitlines()
         )
         assert sum(json.loads(x).get("kind") == "dp-sgd" for x in ledger) == 2
+        # every task forked from the site's warm launcher, none started cold
+        log = federation.log(name)
+        assert "clinfed warm launcher ready" in log and "starting this task cold" not in log
 
 
 def test_a_site_refuses_an_app_its_hospital_has_not_approved(federation: Federation) -> None:
