@@ -15,7 +15,7 @@ and 1M parameters, with DP-SGD on as in production (1 local epoch, expected batc
   deflated into the object tree flwr 1.41 pushes and pulls (``get_all_nested_objects`` +
   ``deflate``; Message, RecordDict, records, arrays, array chunks), and compared with the float32
   model size; the deflate + inflate time of each message is kept too;
-* **message exchanges per round** (one ``send_and_receive``), without and with one site dropping;
+* **message exchanges per round** (one push of requests and their replies), without and with one site dropping;
 * one data point on Flower's Ray simulation engine (:func:`clinfed.simulation.run_simulated_federation`),
   3 sites x 10k parameters, secure vs plain;
 * a cProfile of secure and plain federations at 30 sites x 1M parameters, attributed to the steps
@@ -306,16 +306,16 @@ class _Traffic:
         return None if lost else reply
 
     def watch(self, grid: LocalGrid) -> None:
-        """Count exchanges (one ``send_and_receive``) per round, named by message type."""
-        send_and_receive = grid.send_and_receive
+        """Count exchanges (one push of requests, then their replies) per round, by type."""
+        push_messages = grid.push_messages
 
-        def counted(messages: Any, *, timeout: float | None = None) -> Any:
+        def counted(messages: Any) -> Any:
             messages = list(messages)
             kinds = sorted({m.metadata.message_type for m in messages})
             self.exchanges[self.round].append("+".join(kinds))
-            return send_and_receive(messages, timeout=timeout)
+            return push_messages(messages)
 
-        grid.send_and_receive = counted  # type: ignore[method-assign]
+        grid.push_messages = counted  # type: ignore[method-assign]
 
     def round_end(self, _: FederationResult) -> None:
         self.round += 1
@@ -655,10 +655,11 @@ def render(data: dict[str, Any], *, quick: bool) -> str:
     )
     parts.append("")
     parts.append(
-        "Train down = the training request (global model + run settings; secure adds the round "
-        "request: participants' ids and two 32-byte X25519 public keys each). Train up = the "
-        "site's reply (plain: its float32 model as an ArrayRecord; secure: the masked vector, "
-        "4 bytes per value + 4, as bytes in a ConfigRecord) plus metrics in clear. The "
+        "Train down = the training request (global model, packed into one float32 array "
+        "(`clinfed.wire.PACKED`), + run settings; secure adds the round request: participants' "
+        "ids and two 32-byte X25519 public keys each). Train up = the site's reply (plain: its "
+        "float32 model, packed; secure: the masked vector, 4 bytes per value + 4, as bytes in a "
+        "ConfigRecord) plus metrics in clear. The "
         "evaluation exchange carries the float32 model down in both variants (identical). "
         "Flower's SecAgg+ sends int64 up and float64 down: 2.0x the float32 model each way."
     )

@@ -94,7 +94,10 @@ def _request(config: ConfigRecord) -> RoundRequest:
     return request
 
 
-def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> torch.nn.Module:
+def _model(
+    config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None
+) -> tuple[torch.nn.Module, ArrayRecord]:
+    """The server's model on this site's data layout, and its arrays (unpacked if packed)."""
     model = create_model(
         wire.read_str(config, K.MODEL_NAME, sender=_SERVER),
         num_features=data.num_features,
@@ -104,6 +107,8 @@ def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> 
     )
     if arrays is None:
         raise ProtocolError("the server's request carries no model arrays.")
+    if wire.is_packed(arrays):
+        arrays = wire.unpack_arrays(arrays, ArrayRecord(model.state_dict()), sender=_SERVER)
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, ValueError, KeyError) as error:
@@ -113,7 +118,7 @@ def _model(config: ConfigRecord, data: SiteData, arrays: ArrayRecord | None) -> 
         ) from None
     if wire.read_str(config, K.SCALING, sender=_SERVER, default="federated") == "local":
         set_standardization(model, *FeatureStats.of(data.x_train).standardization())
-    return model
+    return model, arrays
 
 
 def _load_state(context: Context) -> DPState:
@@ -268,8 +273,10 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         torch.set_num_threads(site.torch_threads)
         data = load_site_data(site)
         request = _request(config)
-        global_arrays = msg.content.array_records.get(wire.ARRAYS)
-        model = _model(config, data, global_arrays)
+        packed = wire.ARRAYS in msg.content and wire.is_packed(
+            msg.content.array_records[wire.ARRAYS]
+        )
+        model, global_arrays = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
         secagg_request = msg.content.config_records.get(wire.SECAGG)
         state = _load_state(context)
         fresh_state = not state.plan and not state.history
@@ -301,12 +308,13 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             K.NOISE_MULTIPLIER: result.noise_multiplier or 0.0,
         }
         if secagg_request is None:
+            trained = ArrayRecord(model.state_dict())
             update_record: dict[str, ArrayRecord | ConfigRecord] = {
-                wire.ARRAYS: ArrayRecord(model.state_dict())
+                # answered in the form asked: packed if the server sent the model packed
+                wire.ARRAYS: wire.pack_arrays(trained) if packed else trained
             }
         else:
             # Secure aggregation: the model never leaves; its weighted update does, masked.
-            assert global_arrays is not None  # checked by _model
             total = wire.read_int(config, K.SECAGG_TOTAL_EXAMPLES, sender=_SERVER)
             if total < result.num_examples:
                 raise ProtocolError(
@@ -333,7 +341,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         torch.set_num_threads(site.torch_threads)
         data = load_site_data(site)
         config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        model, _ = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
         result = site_evaluate(model, data)
         state = _load_state(context)
         spent = (

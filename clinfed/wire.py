@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
 from clinfed.errors import ProtocolError
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "CONFIG",
     "EVALUATE_METRIC_KEYS",
     "METRICS",
+    "PACKED",
     "QUERY_SECAGG_UNMASK",
     "QUERY_SITE_INFO",
     "SECAGG",
@@ -28,12 +32,15 @@ __all__ = [
     "STATS",
     "TRAIN_METRIC_KEYS",
     "Keys",
+    "is_packed",
+    "pack_arrays",
     "read_bool",
     "read_float",
     "read_floats",
     "read_int",
     "read_ints",
     "read_str",
+    "unpack_arrays",
 ]
 
 # ------------------------------------------------------------------ record names in a RecordDict
@@ -44,6 +51,58 @@ SITE: Final = "site"  # ConfigRecord: site -> server identity and schema fingerp
 STATS: Final = "stats"  # MetricRecord: site -> server feature aggregates for scaling
 SECAGG: Final = "secagg"  # ConfigRecord: a secure-aggregation protocol message (either way)
 SECAGG_SETTINGS: Final = "secagg-settings"  # ConfigRecord: server -> site, the run's settings
+
+# ------------------------------------------------------------------ packed model arrays
+PACKED: Final = "packed"
+"""The single array of a *packed* model ArrayRecord: every model array flattened and
+concatenated in the model's ``state_dict`` order, all of one dtype. Flower wraps each array in
+its own objects (~450 B of envelope per array, 10 % of a 10k-parameter model); packed, a
+model pays that once. Both ends know the layout (the server built the model, the site builds the
+same model from the run config), so nothing but the values travels."""
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether ``record`` is a packed model (:data:`PACKED`)."""
+    return list(record.keys()) == [PACKED]
+
+
+def pack_arrays(record: ArrayRecord) -> ArrayRecord:
+    """``record``'s arrays as one flat array; ``ValueError`` if they are not all of one dtype."""
+    arrays = [a.numpy() for a in record.values()]
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"only arrays of one dtype can be packed; found {sorted(map(str, dtypes))}."
+        )
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    return ArrayRecord({PACKED: Array(flat)})
+
+
+def unpack_arrays(record: ArrayRecord, layout: ArrayRecord, *, sender: str) -> ArrayRecord:
+    """The packed ``record`` as arrays named, shaped and typed like ``layout``'s.
+
+    Raises :class:`ProtocolError` naming ``sender`` when the packed values do not fit.
+    """
+    if not is_packed(record):
+        raise ProtocolError(
+            f"{sender} sent model arrays {sorted(record)} where one packed array was expected."
+        )
+    flat = record[PACKED].numpy()
+    shapes = {k: a.numpy() for k, a in layout.items()}
+    expected = sum(a.size for a in shapes.values())
+    dtype = next(iter(shapes.values())).dtype if shapes else flat.dtype
+    if flat.ndim != 1 or flat.size != expected or flat.dtype != dtype:
+        raise ProtocolError(
+            f"{sender} sent a packed model of {flat.size} {flat.dtype} values (shape "
+            f"{flat.shape}); the model has {expected} {dtype} values."
+        )
+    out: dict[str, Array] = {}
+    offset = 0
+    for key, template in shapes.items():
+        out[key] = Array(flat[offset : offset + template.size].reshape(template.shape).copy())
+        offset += template.size
+    return ArrayRecord(out)
+
 
 # ------------------------------------------------------------------ query message kinds
 QUERY_SITE_INFO: Final = "site-info"

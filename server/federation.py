@@ -8,6 +8,7 @@ lab needs to see (a site refusing, a round without results).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -29,6 +30,7 @@ from clinfed.privacy.secagg import SecAggAbortedError
 from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
 from clinfed.server.secure import SecureAggregator, check_secure_model
 from clinfed.server.strategies import create_strategy
+from clinfed.server.transport import PackingGrid
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
 
@@ -394,6 +396,10 @@ def run_federation(
     )
     model = _initial_model(config, sites)
     arrays = ArrayRecord(model.state_dict())
+    # The model travels as one packed array each way (Flower's per-array envelope paid once);
+    # a model mixing dtypes cannot be packed and travels array by array.
+    with contextlib.suppress(ValueError):
+        grid = PackingGrid(grid, arrays)
     if secure is not None:
         check_secure_model(arrays)
     strategy = create_strategy(config.strategy, min_sites=config.min_sites)

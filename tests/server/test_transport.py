@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clinfed import wire
 from clinfed.config import SimulationConfig
@@ -55,3 +55,57 @@ def test_a_lost_reply_costs_the_timeout_and_the_others_are_returned(
 def test_the_poll_interval_must_be_sensible() -> None:
     with pytest.raises(ValueError, match="poll_s"):
         PromptGrid(None, poll_s=0)  # type: ignore[arg-type]
+
+
+def test_the_model_travels_packed_and_a_packed_reply_that_does_not_fit_is_refused(
+    demo_config: Callable[..., SimulationConfig],
+) -> None:
+    config = demo_config("rounds=1", "secure_aggregation.enabled=false")
+    grid = local_grid(config)
+    seen: list[tuple[str, list[str]]] = []
+
+    def shorten_paris(request: Message, reply: Message) -> Message:
+        arrays = request.content.array_records.get(wire.ARRAYS)
+        if arrays is not None:
+            seen.append((request.metadata.message_type, list(arrays.keys())))
+        if request.metadata.message_type == "train" and request.metadata.dst_node_id == paris:
+            flat = reply.content.array_records[wire.ARRAYS][wire.PACKED].numpy()
+            reply.content[wire.ARRAYS] = ArrayRecord({wire.PACKED: Array(flat[:-1].copy())})
+        return reply
+
+    paris = sorted(grid.get_node_ids())[0]
+    grid.reply_filter = shorten_paris
+    result = run_federation(grid, config.run)
+
+    assert seen and all(keys == [wire.PACKED] for _, keys in seen)
+    [bad] = [m for m in result.metrics if m.phase == "train" and m.error]
+    assert "packed model" in bad.error and str(paris) in bad.error
+    assert len([m for m in result.metrics if m.phase == "train" and not m.error]) == 2
+
+
+def test_pack_and_unpack_are_inverse_and_refuse_what_does_not_fit() -> None:
+    import numpy as np
+
+    from clinfed.errors import ProtocolError
+
+    layout = ArrayRecord(
+        {
+            "w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+            "b": Array(np.ones(2, dtype=np.float32)),
+        }
+    )
+    packed = wire.pack_arrays(layout)
+    back = wire.unpack_arrays(packed, layout, sender="site x")
+    assert {k: a.numpy().tolist() for k, a in back.items()} == {
+        k: a.numpy().tolist() for k, a in layout.items()
+    }
+    with pytest.raises(ProtocolError, match="site x"):
+        wire.unpack_arrays(
+            ArrayRecord({wire.PACKED: Array(np.zeros(7, dtype=np.float32))}),
+            layout,
+            sender="site x",
+        )
+    with pytest.raises(ProtocolError, match="float64"):
+        wire.unpack_arrays(ArrayRecord({wire.PACKED: Array(np.zeros(8))}), layout, sender="site x")
+    with pytest.raises(ValueError, match="one dtype"):
+        wire.pack_arrays(ArrayRecord({"a": Array(np.zeros(1)), "b": Array(np.zeros(1, np.int64))}))
