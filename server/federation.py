@@ -196,6 +196,8 @@ def _train_config(config: RunConfig) -> ConfigRecord:
             K.MODEL_HIDDEN: [int(h) for h in m.hidden],
             K.MODEL_DROPOUT: float(m.dropout),
             K.SCALING: config.scaling,
+            K.MAX_UPDATE_NORM: float(config.validation.max_update_norm),
+            **({K.RUN_ID: config.checkpoint.run_id} if config.checkpoint.run_id else {}),
         }
     )
 
@@ -451,7 +453,7 @@ def _secure_train_round(
     new_arrays, _ = strategy.aggregate_train(server_round, [outcome.reply])
     if new_arrays is None:
         return None, "the strategy produced no model"
-    return new_arrays, f"sum of {', '.join(outcome.contributors)}"
+    return new_arrays, f"sum of {', '.join(sorted(outcome.contributors))}"
 
 
 def _plain_train_round(
