@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -588,6 +589,12 @@ def _dotlist(overrides: Sequence[str]) -> Any:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise ConfigError(f"command-line overrides: {_describe_omegaconf_error(error)}") from None
+    except yaml.YAMLError as error:  # a value YAML cannot read, e.g. a control character
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"command-line overrides: a value is not valid YAML ({first}); quote it or remove "
+            "control characters."
+        ) from None
 
 
 def load_config(schema: type[_T], path: str | Path | None, overrides: Sequence[str] = ()) -> _T:

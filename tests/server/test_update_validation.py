@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from clinfed import wire
 from clinfed.client import app as client_app
@@ -27,6 +29,12 @@ from clinfed.simulation import local_grid
 Demo = Callable[..., SimulationConfig]
 PLAIN = ("secure_aggregation.enabled=false",)
 TIMEOUT = 2.0
+
+
+@pytest.fixture(autouse=True)
+def _server_identity() -> None:
+    """Flower stamps a Message's sender from TaskIdentity, as a ServerApp process has it."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
 
 
 class Sabotage:
