@@ -22,7 +22,6 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -125,12 +124,14 @@ def validate_replies(
     return kept, rejected
 
 
-def _combine(stack: npt.NDArray[np.float64], config: RobustAggregationConfig) -> npt.NDArray[Any]:
+def _combine(
+    stack: npt.NDArray[np.float64], config: RobustAggregationConfig
+) -> npt.NDArray[np.float64]:
     if config.method == "median":
-        return np.median(stack, axis=0)
+        return np.asarray(np.median(stack, axis=0), dtype=np.float64)
     cut = int(config.trim_fraction * stack.shape[0])
     ordered = np.sort(stack, axis=0)
-    return ordered[cut : stack.shape[0] - cut].mean(axis=0)
+    return np.asarray(ordered[cut : stack.shape[0] - cut].mean(axis=0), dtype=np.float64)
 
 
 def robust_reply(replies: Sequence[Message], config: RobustAggregationConfig) -> Message:
