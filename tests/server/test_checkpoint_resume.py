@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message
 
-from clinfed.config import SimulationConfig
-from clinfed.errors import ConfigError
+from clinfed import wire
+from clinfed.client.site import DPState, RoundPlan, RoundRequest, restore_dp_state
+from clinfed.client.training import TrainSettings
+from clinfed.config import SimulationConfig, SiteConfig, SiteDataConfig
+from clinfed.errors import ConfigError, PrivacyError
+from clinfed.privacy.accountant import DPStep
 from clinfed.privacy.ledger import PrivacyLedger
 from clinfed.server.checkpoint import checkpoint_path, load_checkpoint
 from clinfed.server.federation import run_federation
@@ -154,3 +159,84 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(demo_config: Demo, tmp_path
     with pytest.raises(ConfigError, match="unreadable") as error:
         run_federation(local_grid(config), config.run)
     assert "\n" not in str(error.value)
+
+
+def test_a_round_rerun_after_a_crash_mid_round_is_refused_by_the_ledger_not_charged_twice(
+    demo_config: Demo, tmp_path: Path
+) -> None:
+    # Arrange: the server dies during round 3's evaluation — after the sites trained and recorded
+    # round 3 in their ledgers, before the server checkpointed it
+    config = _config(demo_config, tmp_path, "midround", "secure_aggregation.enabled=false")
+
+    def die_in_round_3_evaluation(request: Message, reply: Message) -> Message:
+        rnd = request.content.config_records[wire.CONFIG].get(wire.Keys.SERVER_ROUND)
+        if request.metadata.message_type == "evaluate" and rnd == 3:
+            raise ServerKilledError
+        return reply
+
+    grid = local_grid(config)
+    grid.reply_filter = die_in_round_3_evaluation
+    with pytest.raises(ServerKilledError):
+        run_federation(grid, config.run)
+
+    # Act: the resumed server asks for round 3 again
+    resumed = run_federation(local_grid(config), config.run)
+
+    # Assert: each site restored rounds 1-3 from its ledger; training round 3 a second time would
+    # overrun the run's budget, so every site refuses it (reported, model kept) and the run goes
+    # on with round 4 — the data released once per round, never charged twice, never uncounted
+    for site in ("berlin", "nantes", "paris"):
+        assert [r for _, r in _ledger_rounds(config, site)] == [1, 2, 3, 4]
+    assert [(r.round, r.status) for r in resumed.rounds] == [
+        (1, "completed"),
+        (2, "completed"),
+        (3, "aborted"),
+        (4, "completed"),
+    ]
+    refusals = [e for e in resumed.events if e.kind == "train-refused" and e.round == 3]
+    assert len(refusals) == 3 and all("privacy budget refused" in e.detail for e in refusals)
+    assert resumed.final("train")["paris"].round == 4
+
+
+def test_a_site_without_ledger_or_state_counts_every_earlier_round_as_spent() -> None:
+    site = SiteConfig(name="paris", data=SiteDataConfig(path="x.csv", schema="s.yaml"))
+    step = DPStep(noise_multiplier=1.1, sample_rate=0.1, steps=10)
+    request = RoundRequest(
+        server_round=5,
+        num_rounds=8,
+        settings=TrainSettings(epochs=1, batch_size=8, lr=0.1, max_grad_norm=1.0),
+        dp=True,
+    )
+    state = DPState(plan="p", noise_multiplier=1.1)
+
+    line = restore_dp_state(
+        RoundPlan(step=step, epsilon_after=0.1),
+        request,
+        site=site,
+        state=state,
+        ledger_history=None,
+    )
+
+    assert state.history == [step] * 4
+    assert "worst case" in line
+
+
+def test_a_ledger_whose_steps_differ_from_the_plan_is_refused() -> None:
+    site = SiteConfig(name="paris", data=SiteDataConfig(path="x.csv", schema="s.yaml"))
+    step = DPStep(noise_multiplier=1.1, sample_rate=0.1, steps=10)
+    other = DPStep(noise_multiplier=0.7, sample_rate=0.1, steps=10)
+    request = RoundRequest(
+        server_round=3,
+        num_rounds=8,
+        settings=TrainSettings(epochs=1, batch_size=8, lr=0.1, max_grad_norm=1.0),
+        dp=True,
+    )
+
+    with pytest.raises(PrivacyError, match="do not match"):
+        restore_dp_state(
+            RoundPlan(step=step, epsilon_after=0.1),
+            request,
+            site=site,
+            state=DPState(),
+            ledger_history=[step, other],
+        )
