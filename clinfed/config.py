@@ -676,7 +676,9 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
     if federation.fresh_site_state:
         # Each simulated run gets new site ledgers and audit logs (under the output folder), so
         # that repeated demo runs do not spend the demo sites' budgets; a real site's persist.
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        # A resumable run (checkpoint.run_id) keeps its site state across restarts: the sites
+        # restore their DP history from these ledgers when the server resumes the run.
+        stamp = run.checkpoint.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
         root = Path(run.output_dir).resolve() / "site-state" / f"{run.name}-{stamp}"
         sites = [
             dataclasses.replace(

@@ -240,3 +240,17 @@ def test_a_ledger_whose_steps_differ_from_the_plan_is_refused() -> None:
             state=DPState(),
             ledger_history=[step, other],
         )
+
+
+def test_a_resumable_simulation_keeps_its_site_ledgers_across_restarts(
+    demo_config: Demo, tmp_path: Path
+) -> None:
+    # clinfed simulate, run twice with the same checkpoint.run_id, must reuse the sites' ledgers
+    # (a fresh ledger would make the sites forget what the run already spent)
+    first = _config(demo_config, tmp_path, "sim")
+    again = _config(demo_config, tmp_path, "sim")
+    other = demo_config(f"output_dir={tmp_path / 'sim'}")
+
+    assert [s.governance.ledger for s in first.sites] == [s.governance.ledger for s in again.sites]
+    assert "study-1" in first.sites[0].governance.ledger
+    assert first.sites[0].governance.ledger != other.sites[0].governance.ledger
