@@ -7,6 +7,7 @@ site sends (``LocalGrid.reply_filter``) or into its local training.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -303,3 +304,30 @@ def test_too_few_connected_sites_skips_the_round_within_the_timeout(demo_config:
     assert [(r.round, r.status) for r in result.rounds] == [(1, "completed"), (2, "aborted")]
     assert "only 1 site(s) connected" in result.rounds[1].detail
     assert time.monotonic() - started < 60
+
+
+def test_a_site_vanishing_between_the_check_and_the_strategys_sampling_cannot_hang_the_round(
+    demo_config: Demo,
+) -> None:
+    # Flower's sample_nodes waits with no time limit for min_sites nodes; here two sites vanish
+    # right after the server checked that enough were connected. The strategy sees the fixed
+    # snapshot, the messages to the vanished sites go unanswered, the round ends at its deadline.
+    config = demo_config("rounds=1", "round_timeout_s=1", *PLAIN)
+    grid = local_grid(config)
+    real = grid.get_node_ids
+    calls = {"n": 0}
+
+    def flaky() -> list[int]:
+        calls["n"] += 1
+        nodes = list(real())
+        return nodes if calls["n"] <= 2 else nodes[:1]  # discovery + the round's check
+
+    grid.get_node_ids = flaky  # type: ignore[method-assign]
+    outcome: list[FederationResult] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_federation(grid, config.run)))
+
+    worker.start()
+    worker.join(timeout=120)
+
+    assert not worker.is_alive(), "the round hung"
+    assert [r.status for r in outcome[0].rounds] == ["completed"]
