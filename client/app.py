@@ -23,11 +23,14 @@ from clinfed.client.site import (
     DPState,
     RoundRequest,
     SiteData,
+    check_own_update,
     flat_metrics,
     load_site_data,
     plan_round,
+    restore_dp_state,
     run_round,
     schema_fingerprint,
+    seeded_bytes,
     site_evaluate,
 )
 from clinfed.client.training import TrainSettings
@@ -239,8 +242,11 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         site = resolve_site(context)
         governance = Governance(site)
         config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+        # A resumable run (the lab set checkpoint.run_id) keeps its id across server restarts,
+        # so the ledger sees one run; otherwise the id is Flower's run id.
         run_id = (
-            f"{wire.read_str(config, K.RUN_NAME, sender=_SERVER, default='run')}#{context.run_id}"
+            f"{wire.read_str(config, K.RUN_NAME, sender=_SERVER, default='run')}#"
+            f"{wire.read_str(config, K.RUN_ID, sender=_SERVER, default='') or context.run_id}"
         )
         server_round = config.get(K.SERVER_ROUND, 0)
         governance.audit(kind="request", message="train", run=run_id, round=str(server_round))
@@ -281,6 +287,22 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         state = _load_state(context)
         fresh_state = not state.plan and not state.history
         plan = plan_round(data, request, site=site, state=state)
+        resumable = K.RUN_ID in config
+        if fresh_state and (request.server_round > 1 or resumable):
+            history = governance.run_history(run_id) if resumable else None
+            if history is None and not governance.enabled and request.server_round > 1:
+                logger.warning(
+                    "%s",
+                    restore_dp_state(plan, request, site=site, state=state, ledger_history=None),
+                )
+            elif history:
+                logger.warning(
+                    "%s",
+                    restore_dp_state(plan, request, site=site, state=state, ledger_history=history),
+                )
+                fresh_state = False
+            if state.history or state.non_private_rounds:
+                plan = plan_round(data, request, site=site, state=state)
         governance.check_training(
             run_id=run_id,
             request=request,
@@ -307,6 +329,13 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             K.DELTA: site.privacy.delta,
             K.NOISE_MULTIPLIER: result.noise_multiplier or 0.0,
         }
+        assert global_arrays is not None  # checked by _model
+        flat_update = secure.flatten_update(global_arrays, model.state_dict())
+        check_own_update(
+            flat_update,
+            site=site.name,
+            max_norm=wire.read_float(config, K.MAX_UPDATE_NORM, sender=_SERVER, default=math.inf),
+        )
         if secagg_request is None:
             trained = ArrayRecord(model.state_dict())
             update_record: dict[str, ArrayRecord | ConfigRecord] = {
@@ -323,8 +352,9 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
             masked, _ = secure.mask_update(
                 context,
                 secagg_request,
-                secure.flatten_update(global_arrays, model.state_dict()),
+                flat_update,
                 weight=result.num_examples / total,
+                rounding_bytes=seeded_bytes(site, request.server_round, "secagg-rounding"),
             )
             update_record = {wire.SECAGG: masked}
         # Write-ahead: the spend is durable in the ledger before the update can leave the site.

@@ -25,6 +25,7 @@ from clinfed.client.policy import (
 from clinfed.client.site import RoundPlan, RoundRequest
 from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError
+from clinfed.privacy.accountant import DPStep
 from clinfed.privacy.ledger import PrivacyLedger
 
 __all__ = ["APP_HASH_ENV", "Governance", "app_identity"]
@@ -129,6 +130,16 @@ class Governance:
                     max_run_epsilon=policy.run.max_epsilon,
                 )
 
+    def run_history(self, run_id: str) -> list[DPStep | None] | None:
+        """The rounds recorded for ``run_id``, in ledger order; ``None`` without a ledger.
+
+        A ``None`` step is a round trained without DP.
+        """
+        if self.policy is None:
+            return None
+        with self._ledger() as ledger:
+            return [r.step for r in ledger.records() if r.run_id == run_id]
+
     def record_spend(
         self, *, run_id: str, server_round: int, plan: RoundPlan
     ) -> Mapping[str, float]:
@@ -137,6 +148,14 @@ class Governance:
         if policy is None:
             return {}
         with self._ledger() as ledger:
+            if any(r.run_id == run_id and r.server_round == server_round for r in ledger.records()):
+                # The server re-ran a round after a restart: a new release, so a new charge.
+                logger.warning(
+                    "round %d of run %s is charged a second time: the server ran it again "
+                    "(after a restart); both releases count",
+                    server_round,
+                    run_id,
+                )
             if plan.step is None:
                 ledger.record_non_private(run_id=run_id, server_round=server_round)
             else:

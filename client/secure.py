@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -82,12 +82,23 @@ def setup_keys(context: Context, request: ConfigRecord, settings: ConfigRecord) 
 
 
 def mask_update(
-    context: Context, request: ConfigRecord, update: npt.NDArray[np.float32], *, weight: float
+    context: Context,
+    request: ConfigRecord,
+    update: npt.NDArray[np.float32],
+    *,
+    weight: float,
+    rounding_bytes: Callable[[int], bytes] | None = None,
 ) -> tuple[ConfigRecord, int]:
-    """Quantize ``weight * update``, mask it for the round, and return it with the clip count."""
+    """Quantize ``weight * update``, mask it for the round, and return it with the clip count.
+
+    ``rounding_bytes`` is the stochastic rounding's randomness (default: the operating system's;
+    a simulation with ``noise_seed`` passes a seeded one, so that runs are reproducible).
+    """
     site = _load(context)
     round_request = RoundRequest.from_record(request)
-    quantized = quantize(update, weight=weight, config=site.config, random_bytes=_urandom)
+    quantized = quantize(
+        update, weight=weight, config=site.config, random_bytes=rounding_bytes or _urandom
+    )
     if quantized.out_of_range:
         logger.warning(
             "secure aggregation round %d: %d of %d weighted update values lay outside "

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -24,7 +24,7 @@ from torch import nn
 from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
 from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
 from clinfed.config import SiteConfig
-from clinfed.errors import PrivacyError
+from clinfed.errors import PrivacyError, UpdateRejectedError
 from clinfed.privacy.accountant import DPStep, calibrate_noise, epsilon_spent, planned_steps
 
 __all__ = [
@@ -32,12 +32,15 @@ __all__ = [
     "RoundPlan",
     "RoundRequest",
     "SiteData",
+    "check_own_update",
     "describe_site",
     "flat_metrics",
     "load_site_data",
     "plan_round",
+    "restore_dp_state",
     "run_round",
     "schema_fingerprint",
+    "seeded_bytes",
     "site_evaluate",
 ]
 
@@ -259,6 +262,74 @@ def run_round(
     return result
 
 
+def restore_dp_state(
+    plan: RoundPlan,
+    request: RoundRequest,
+    *,
+    site: SiteConfig,
+    state: DPState,
+    ledger_history: list[DPStep | None] | None,
+) -> str:
+    """Rebuild the DP history of a run this site has no state for, though it is under way.
+
+    This happens when the server restarted and resumed a run (a new Flower run: the site's
+    ``context.state`` is empty) or the site's node restarted. ``plan`` is the round planned on the
+    empty state (its noise calibration is a function of the run's plan, so it is the one used
+    before). The history then comes from:
+
+    * the site's privacy ledger (``ledger_history``: this run's records, in order) — exact, so the
+      site is charged neither less nor twice; every recorded step must match the plan;
+    * without a ledger: the worst case, as if the site had trained in every earlier round
+      (``server_round - 1`` steps) — ε may be over-reported, never under-reported.
+
+    Returns a one-line description for the site's log.
+    """
+    earlier = request.server_round - 1
+    if ledger_history is None:
+        if plan.step is None:
+            state.non_private_rounds = earlier
+        else:
+            state.history = [plan.step] * earlier
+        return (
+            f"site {site.name} has no state for rounds 1-{earlier} of this run and no privacy "
+            f"ledger: counting all {earlier} earlier round(s) as spent (worst case)"
+        )
+    for step in ledger_history:
+        if step is not None and step != plan.step:
+            raise PrivacyError(
+                f"site {site.name}: the ledger's records of this run ({step}) do not match the "
+                f"resumed run's plan ({plan.step}); the run's settings changed. Start a new run."
+            )
+    state.history = [s for s in ledger_history if s is not None]
+    state.non_private_rounds = sum(1 for s in ledger_history if s is None)
+    return (
+        f"site {site.name} restored {len(ledger_history)} round(s) of this run from its privacy "
+        "ledger"
+    )
+
+
+def check_own_update(update: np.ndarray, *, site: str, max_norm: float) -> None:
+    """Refuse to send an update that is not finite or whose L2 norm exceeds ``max_norm``.
+
+    The site's own check, before its update is masked: with secure aggregation the server cannot
+    look at one update, so a diverged one must be stopped here. Raises
+    :class:`~clinfed.errors.UpdateRejectedError`; the reason reaches the server.
+    """
+    finite = np.isfinite(update)
+    if not finite.all():
+        raise UpdateRejectedError(
+            f"site {site} refuses to send its update: {int(np.count_nonzero(~finite))} of "
+            f"{update.size} values are NaN/Inf (local training diverged; lower train.lr or "
+            "train.max_grad_norm)."
+        )
+    norm = float(np.linalg.norm(update.astype(np.float64)))
+    if norm > max_norm:
+        raise UpdateRejectedError(
+            f"site {site} refuses to send its update: its L2 norm {norm:.4g} exceeds "
+            f"validation.max_update_norm {max_norm:g} (local training diverged, or raise the bound)."
+        )
+
+
 def site_evaluate(model: nn.Module, data: SiteData) -> EvalResult:
     """Evaluate ``model`` on the site's held-out test split."""
     return evaluate(model, data.x_test, data.y_test)
@@ -273,6 +344,29 @@ def _generator(site: SiteConfig, server_round: int) -> torch.Generator:
         digest = hashlib.sha256(f"{site.noise_seed}:{site.name}:{server_round}".encode()).digest()
         g.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
     return g
+
+
+def seeded_bytes(
+    site: SiteConfig, server_round: int, purpose: str
+) -> Callable[[int], bytes] | None:
+    """Reproducible randomness for ``purpose`` when a simulation fixed ``noise_seed``, else None.
+
+    ``None`` means: use the operating system's randomness (production). The bytes are a
+    function of (noise_seed, site, round, purpose) only, so a run resumed from a checkpoint draws
+    exactly what an uninterrupted one would.
+    """
+    if site.noise_seed is None:
+        return None
+    stream = hashlib.shake_256(f"{site.noise_seed}:{site.name}:{server_round}:{purpose}".encode())
+    used = 0
+
+    def take(n: int) -> bytes:
+        nonlocal used
+        chunk = stream.digest(used + n)[used:]
+        used += n
+        return chunk
+
+    return take
 
 
 def flat_metrics(values: Mapping[str, float | int]) -> dict[str, MetricRecordValues]:

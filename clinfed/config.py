@@ -20,15 +20,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clinfed.errors import ConfigError
 
 __all__ = [
+    "CheckpointConfig",
     "FederationConfig",
     "ModelConfig",
     "PrivacyTarget",
+    "RobustAggregationConfig",
     "RunConfig",
     "SecureAggregationConfig",
     "ServerDeployConfig",
@@ -39,6 +42,7 @@ __all__ = [
     "SiteGovernanceConfig",
     "StrategyConfig",
     "TrainConfig",
+    "UpdateValidationConfig",
     "load_config",
     "load_run_config",
     "load_server_config",
@@ -52,6 +56,7 @@ _T = TypeVar("_T")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 ACCOUNTANTS = ("rdp", "prv")
 SCALINGS = ("federated", "local", "none")
+ROBUST_METHODS = ("none", "trimmed-mean", "median")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -202,6 +207,83 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint and resume (server side).
+
+    With ``dir`` set, the server writes the run's state atomically after every round to
+    ``dir/run_id/checkpoint.pt`` (global model, strategy state such as FedAdam's moments, round,
+    per-site metrics and events, reported privacy spend); starting again with the same ``run_id``
+    resumes at the next round. ``run_id`` names the run across server restarts (letters, digits,
+    ``-``, ``_``, ``.``); sites key their privacy ledger on it.
+    """
+
+    dir: str = ""
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            _require(
+                not self.run_id,
+                f"checkpoint.run_id ({self.run_id!r}) needs checkpoint.dir; set both "
+                "(e.g. checkpoint.dir=checkpoints checkpoint.run_id=study-2026-11) or neither.",
+            )
+            return
+        _require(
+            bool(self.run_id)
+            and len(self.run_id) <= 100
+            and all(c.isalnum() or c in "-_." for c in self.run_id)
+            and not self.run_id.startswith("."),
+            f"checkpoint.run_id must be 1-100 letters, digits, '-', '_' or '.' (not starting with "
+            f"'.') when checkpoint.dir is set; found {self.run_id!r}. Use e.g. "
+            "checkpoint.run_id=study-2026-11.",
+        )
+
+
+@dataclass(frozen=True)
+class UpdateValidationConfig:
+    """Checks on every site's update before aggregation (and by each site before it sends).
+
+    ``max_update_norm`` bounds the L2 norm of a site's update (its trained model minus the global
+    model it received): a sanity bound, far above what DP-SGD's clipped, noised steps produce,
+    that catches a diverged or malicious update. With secure aggregation the server cannot see
+    one update, so each site checks its own before masking and refuses to send it.
+    """
+
+    max_update_norm: float = 100.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_update_norm > 0 and math.isfinite(self.max_update_norm),
+            f"validation.max_update_norm must be a finite number > 0; found {self.max_update_norm}.",
+        )
+
+
+@dataclass(frozen=True)
+class RobustAggregationConfig:
+    """Optional Byzantine-robust aggregation of the sites' updates (plain mode only).
+
+    ``method``: ``none`` (the strategy's weighted mean), ``trimmed-mean`` (coordinate-wise, drops
+    the ``trim_fraction`` largest and smallest values of each coordinate; Yin et al., ICML 2018)
+    or ``median`` (coordinate-wise). Both need every site's individual update, which secure
+    aggregation hides by design: combining them is refused.
+    """
+
+    method: str = "none"
+    trim_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in ROBUST_METHODS,
+            f"robust_aggregation.method must be one of {', '.join(ROBUST_METHODS)}; "
+            f"found {self.method!r}.",
+        )
+        _require(
+            0 <= self.trim_fraction < 0.5,
+            f"robust_aggregation.trim_fraction must be in [0, 0.5); found {self.trim_fraction}.",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What the coordinating lab asks of a federation (sent to the sites)."""
 
@@ -217,12 +299,22 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)
+    robust_aggregation: RobustAggregationConfig = field(default_factory=RobustAggregationConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.robust_aggregation.method == "none" or not self.secure_aggregation.enabled,
+            f"robust_aggregation.method={self.robust_aggregation.method} needs every site's own "
+            "update, which secure aggregation hides from the server; it cannot be combined with "
+            "secure aggregation. Use robust_aggregation.method=none, or turn secure aggregation "
+            "off explicitly (secure_aggregation.enabled=false) if the sites agree.",
+        )
         _require(self.rounds >= 1, f"rounds must be >= 1; found {self.rounds}. Use e.g. rounds=10.")
         _require(self.min_sites >= 1, f"min_sites must be >= 1; found {self.min_sites}.")
         _require(
-            self.round_timeout_s > 0,
+            self.round_timeout_s > 0 and math.isfinite(self.round_timeout_s),
             f"round_timeout_s must be > 0 seconds; found {self.round_timeout_s}.",
         )
         _require(
@@ -288,7 +380,9 @@ class SiteConnectionConfig:
     ``superlink`` is ``host:port`` of the server; ``root_certificates`` the federation CA that
     signed the server's TLS certificate; ``auth_private_key`` the site's own OpenSSH private key
     (its public half is registered at the server). ``insecure`` (plaintext, no authentication)
-    exists for local development only.
+    exists for local development only. After a lost connection the site reconnects with
+    Flower's exponential backoff (capped delay); ``reconnect_max_retries`` /
+    ``reconnect_max_wait_s`` (``--max-retries`` / ``--max-wait-time``) make it give up, 0 = never.
     """
 
     superlink: str = ""
@@ -296,11 +390,23 @@ class SiteConnectionConfig:
     auth_private_key: str = ""
     insecure: bool = False
     runtime_port: int = 9094
+    reconnect_max_retries: int = 0
+    reconnect_max_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(
             1 <= self.runtime_port <= 65535,
             f"connection.runtime_port must be a TCP port; found {self.runtime_port}.",
+        )
+        _require(
+            self.reconnect_max_retries >= 0,
+            "connection.reconnect_max_retries must be >= 0 (0: retry forever); "
+            f"found {self.reconnect_max_retries}.",
+        )
+        _require(
+            self.reconnect_max_wait_s >= 0 and math.isfinite(self.reconnect_max_wait_s),
+            "connection.reconnect_max_wait_s must be a finite number >= 0 (0: no limit); "
+            f"found {self.reconnect_max_wait_s}.",
         )
 
 
@@ -491,6 +597,12 @@ def _dotlist(overrides: Sequence[str]) -> Any:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise ConfigError(f"command-line overrides: {_describe_omegaconf_error(error)}") from None
+    except yaml.YAMLError as error:  # a value YAML cannot read, e.g. a control character
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"command-line overrides: a value is not valid YAML ({first}); quote it or remove "
+            "control characters."
+        ) from None
 
 
 def load_config(schema: type[_T], path: str | Path | None, overrides: Sequence[str] = ()) -> _T:
@@ -572,7 +684,9 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
     if federation.fresh_site_state:
         # Each simulated run gets new site ledgers and audit logs (under the output folder), so
         # that repeated demo runs do not spend the demo sites' budgets; a real site's persist.
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        # A resumable run (checkpoint.run_id) keeps its site state across restarts: the sites
+        # restore their DP history from these ledgers when the server resumes the run.
+        stamp = run.checkpoint.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
         root = Path(run.output_dir).resolve() / "site-state" / f"{run.name}-{stamp}"
         sites = [
             dataclasses.replace(

@@ -14,6 +14,7 @@ __all__ = [
     "PrivacyError",
     "ProtocolError",
     "SiteDataError",
+    "UpdateRejectedError",
 ]
 
 
@@ -38,3 +39,11 @@ class PrivacyError(ClinfedError, RuntimeError):
 
 class ProtocolError(ClinfedError, ValueError):
     """A message received over the network is malformed, replayed or out of order."""
+
+
+class UpdateRejectedError(ClinfedError, ValueError):
+    """A model update is unusable (NaN/Inf, wrong shape or dtype, norm beyond the bound).
+
+    Raised by a site about its own update before it leaves (it is then never sent), and used by
+    the server to name a site whose update it rejected before aggregation.
+    """

@@ -68,10 +68,14 @@ class _SimulatedSites:
 
 
 def check_sites(config: SimulationConfig) -> None:
-    """Load every simulated site's data now, so that bad data fails before Ray starts."""
-    prepare_site_state(config)
+    """Load every simulated site's data now, so that bad data fails before Ray starts.
+
+    The sites' state folders are created only once every site's data loaded: a bad input leaves
+    nothing behind.
+    """
     for site in config.sites:
         logger.info("%s", describe_site(site))
+    prepare_site_state(config)
 
 
 def prepare_site_state(config: SimulationConfig) -> None:

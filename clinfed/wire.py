@@ -131,6 +131,8 @@ class Keys:
     SCALING: Final = "scaling"
     SECURE_AGGREGATION: Final = "secure-aggregation"
     SECAGG_TOTAL_EXAMPLES: Final = "secagg-total-examples"  # Σ n over the round's participants
+    MAX_UPDATE_NORM: Final = "max-update-norm"  # L2 bound a site checks its own update against
+    RUN_ID: Final = "run-id"  # the lab's resumable run id (stable across server restarts)
 
     # server -> site (ConfigRecord SECAGG_SETTINGS)
     SECAGG_MODE: Final = "mode"

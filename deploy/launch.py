@@ -147,6 +147,12 @@ def site_arguments(site: SiteConfig, config_path: Path) -> list[str]:
         "--port",
         str(c.runtime_port),
     ]
+    # Reconnection after a lost connection: Flower retries with exponential backoff; these
+    # bound how long a site keeps trying (0 = forever, e.g. across server maintenance).
+    if c.reconnect_max_retries:
+        args += ["--max-retries", str(c.reconnect_max_retries)]
+    if c.reconnect_max_wait_s:
+        args += ["--max-wait-time", f"{c.reconnect_max_wait_s:g}"]
     if c.insecure:
         _insecure_warning(f"site {site.name}")
         return [*args, "--insecure"]

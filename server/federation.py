@@ -4,6 +4,13 @@ It drives any Flower current-API strategy through its four methods (``configure_
 ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) and keeps what
 ``Strategy.start`` does not: every site's own metrics per round, bounded waits, and the events a
 lab needs to see (a site refusing, a round without results).
+
+Reliability (README, *Reliability*): every wait is bounded by ``round_timeout_s`` (waiting for
+sites to connect, discovery, training, the unmask exchange, evaluation — so a round lasts at most
+four timeouts); a round with fewer than ``min_sites`` usable updates is aborted and the previous
+model kept; updates are validated before aggregation (:mod:`clinfed.server.validation`); and
+with ``checkpoint.dir`` the run's state is written after every round and a restart resumes at the
+next one (:mod:`clinfed.server.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -27,10 +35,17 @@ from clinfed.errors import ConfigError, PrivacyError, ProtocolError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
 from clinfed.privacy.secagg import SecAggAbortedError
-from clinfed.server.results import FederationResult, RoundEvent, SiteRoundMetrics
+from clinfed.server.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+)
+from clinfed.server.results import FederationResult, RoundEvent, RoundRecord, SiteRoundMetrics
 from clinfed.server.secure import SecureAggregator, check_secure_model
 from clinfed.server.strategies import create_strategy
 from clinfed.server.transport import PackingGrid
+from clinfed.server.validation import robust_reply, validate_replies
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
 
@@ -116,9 +131,16 @@ def discover_sites(
             if refusals is not None:
                 refusals.append(f"node {reply.metadata.src_node_id}: {reason}")
             continue
-        info = _parse_site_info(reply)
-        if secure is not None:
-            secure.register(reply, name=info.name, num_examples=info.stats.count)
+        try:
+            info = _parse_site_info(reply)
+            if secure is not None:
+                secure.register(reply, name=info.name, num_examples=info.stats.count)
+        except ProtocolError as error:
+            # One malformed answer must not stop the federation: that node does not join.
+            logger.error("node %s did not join: %s", reply.metadata.src_node_id, error)
+            if refusals is not None:
+                refusals.append(f"node {reply.metadata.src_node_id}: {error}")
+            continue
         sites.append(info)
     sites.sort(key=lambda s: s.name)
     if len(sites) < min_sites:
@@ -177,6 +199,8 @@ def _train_config(config: RunConfig) -> ConfigRecord:
             K.MODEL_HIDDEN: [int(h) for h in m.hidden],
             K.MODEL_DROPOUT: float(m.dropout),
             K.SCALING: config.scaling,
+            K.MAX_UPDATE_NORM: float(config.validation.max_update_norm),
+            **({K.RUN_ID: config.checkpoint.run_id} if config.checkpoint.run_id else {}),
         }
     )
 
@@ -203,6 +227,8 @@ def _record(
     phase: str,
     names: dict[int, str],
     result: FederationResult,
+    *,
+    malformed: set[int] | None = None,
 ) -> list[Message]:
     kept = list(replies)
     for reply in kept:
@@ -219,8 +245,8 @@ def _record(
             continue
         m = reply.content.metric_records.get(wire.METRICS, MetricRecord())
         who = f"site {site}"
-        result.metrics.append(
-            SiteRoundMetrics(
+        try:
+            row = SiteRoundMetrics(
                 round=server_round,
                 site=site,
                 phase=phase,
@@ -232,7 +258,19 @@ def _record(
                 roc_auc=wire.read_float(m, K.ROC_AUC, sender=who, default=math.nan),
                 epsilon=wire.read_float(m, K.EPSILON, sender=who, default=math.nan),
             )
-        )
+        except ProtocolError as error:
+            # A malformed reply is named and set aside; the round goes on with the others.
+            if malformed is not None:
+                malformed.add(reply.metadata.src_node_id)
+            result.metrics.append(
+                SiteRoundMetrics(server_round, site, phase, 0, math.nan, error=str(error))
+            )
+            result.events.append(RoundEvent(server_round, f"{phase}-malformed", f"{site}: {error}"))
+            logger.error(
+                "round %d %s: malformed reply from site %s: %s", server_round, phase, site, error
+            )
+            continue
+        result.metrics.append(row)
     return kept
 
 
@@ -270,17 +308,73 @@ def _cast_like(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(new[k].numpy().astype(old[k].dtype)) for k in old})
 
 
-def _wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> bool:
-    """Wait (bounded) until ``min_sites`` nodes are connected.
+def _connected(grid: Grid, names: dict[int, str]) -> list[int]:
+    """The discovered sites' nodes that are connected now."""
+    return [n for n in grid.get_node_ids() if n in names]
 
-    Flower's strategies sample nodes with no time limit; checking first keeps every wait bounded.
+
+def _wait_for_sites(
+    grid: Grid, min_sites: int, timeout_s: float, names: dict[int, str]
+) -> list[int] | None:
+    """Wait (bounded) until ``min_sites`` of the discovered sites are connected; their nodes.
+
+    Flower's strategies sample nodes with no time limit; they are handed a fixed snapshot of the
+    nodes found here (:class:`_FixedNodes`), so that no later wait can be unbounded.
     """
     deadline = time.monotonic() + timeout_s
-    while len(list(grid.get_node_ids())) < min_sites:
+    while len(nodes := _connected(grid, names)) < min_sites:
         if time.monotonic() > deadline:
-            return False
+            return None
         time.sleep(0.5)
-    return True
+    return nodes
+
+
+class _FixedNodes(Grid):
+    """``grid`` with a fixed list of connected nodes, for a strategy's ``configure_*`` calls.
+
+    Flower's ``sample_nodes`` waits *without a time limit* until enough nodes are connected; with
+    the list fixed (and long enough, checked before), it returns at once. Everything else is
+    delegated to the real grid.
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid = grid
+        self._nodes = list(nodes)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+_Outcome = tuple[ArrayRecord | None, str]
+"""A training phase's new global model (``None``: aborted, model kept) and its detail line."""
 
 
 def _secure_train_round(
@@ -294,8 +388,8 @@ def _secure_train_round(
     config: RunConfig,
     names: dict[int, str],
     result: FederationResult,
-) -> ArrayRecord | None:
-    """One training round with secure aggregation; ``None`` when the round was aborted."""
+) -> _Outcome:
+    """One training round with secure aggregation."""
     timeout = config.round_timeout_s
     try:
         messages, secure_round = secure.open_round(
@@ -303,13 +397,10 @@ def _secure_train_round(
         )
     except SecAggAbortedError as error:
         missing = ", ".join(secure.names(error.missing)) or "none"
-        result.events.append(
-            RoundEvent(
-                server_round, "secagg-aborted", f"too few sites at round start; absent: {missing}"
-            )
-        )
+        detail = f"too few sites at round start; absent: {missing}"
+        result.events.append(RoundEvent(server_round, "secagg-aborted", detail))
         logger.error("round %d aborted before training: %s", server_round, error)
-        return None
+        return None, detail
     replies = _record(
         grid.send_and_receive(messages, timeout=timeout), server_round, "train", names, result
     )
@@ -324,19 +415,14 @@ def _secure_train_round(
         )
     except SecAggAbortedError as error:
         missing = ", ".join(secure.names(error.missing)) or "none"
-        result.events.append(
-            RoundEvent(
-                server_round,
-                "secagg-aborted",
-                f"fewer surviving sites than the threshold; missing: {missing}",
-            )
-        )
+        detail = f"fewer surviving sites than the threshold; missing: {missing}"
+        result.events.append(RoundEvent(server_round, "secagg-aborted", detail))
         logger.error("round %d aborted, global model kept: %s", server_round, error)
-        return None
+        return None, detail
     except (PrivacyError, ProtocolError) as error:
         result.events.append(RoundEvent(server_round, "secagg-aborted", str(error)))
         logger.error("round %d aborted, global model kept: %s", server_round, error)
-        return None
+        return None, str(error)
     for detail in outcome.rejected:
         result.events.append(RoundEvent(server_round, "secagg-rejected", detail))
     if outcome.dropped:
@@ -356,11 +442,96 @@ def _secure_train_round(
         if config.secure_aggregation.on_out_of_range == "fail-round":
             result.events.append(RoundEvent(server_round, "secagg-out-of-range-failed", detail))
             logger.error("round %d failed: %s", server_round, detail)
-            return None
+            return None, detail
         result.events.append(RoundEvent(server_round, "secagg-out-of-range", detail))
         logger.warning("round %d: %s", server_round, detail)
+    if len(outcome.contributors) < config.min_sites:
+        detail = (
+            f"only {len(outcome.contributors)} site(s) contributed "
+            f"({', '.join(outcome.contributors)}), min_sites is {config.min_sites}"
+        )
+        result.events.append(RoundEvent(server_round, "round-aborted", detail))
+        logger.error("round %d aborted, global model kept: %s", server_round, detail)
+        return None, detail
     new_arrays, _ = strategy.aggregate_train(server_round, [outcome.reply])
-    return new_arrays
+    if new_arrays is None:
+        return None, "the strategy produced no model"
+    return new_arrays, f"sum of {', '.join(sorted(outcome.contributors))}"
+
+
+def _plain_train_round(
+    *,
+    grid: Grid,
+    strategy: Strategy,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    config: RunConfig,
+    names: dict[int, str],
+    declared: dict[str, int],
+    result: FederationResult,
+) -> _Outcome:
+    """One training round without secure aggregation: validate, then aggregate the others."""
+    malformed: set[int] = set()
+    replies = _record(
+        grid.send_and_receive(messages, timeout=config.round_timeout_s),
+        server_round,
+        "train",
+        names,
+        result,
+        malformed=malformed,
+    )
+    kept, rejected = validate_replies(
+        [r for r in replies if r.metadata.src_node_id not in malformed],
+        arrays,
+        names=names,
+        max_update_norm=config.validation.max_update_norm,
+        declared_examples=declared,
+    )
+    for r in rejected:
+        result.events.append(RoundEvent(server_round, "update-rejected", f"{r.site}: {r.reason}"))
+    # A fixed order (by site name) makes the aggregate independent of arrival order, so that a
+    # resumed run reproduces an uninterrupted one bit for bit.
+    kept.sort(key=lambda m: names.get(m.metadata.src_node_id, ""))
+    contributors = [names.get(m.metadata.src_node_id, "?") for m in kept]
+    if len(kept) < config.min_sites:
+        detail = (
+            f"only {len(kept)} valid update(s) ({', '.join(contributors) or 'none'}), "
+            f"min_sites is {config.min_sites}"
+        )
+        result.events.append(RoundEvent(server_round, "round-aborted", detail))
+        logger.error("round %d aborted, global model kept: %s", server_round, detail)
+        return None, detail
+    robust = config.robust_aggregation
+    to_aggregate = kept if robust.method == "none" else [robust_reply(kept, robust)]
+    new_arrays, _ = strategy.aggregate_train(server_round, to_aggregate)
+    if new_arrays is None:
+        return None, "the strategy produced no model"
+    detail = f"{len(kept)} update(s) aggregated"
+    if rejected:
+        detail += f"; rejected: {', '.join(r.site for r in rejected)}"
+    return new_arrays, detail
+
+
+def _layout(sites: list[SiteInfo]) -> str:
+    s = sites[0]
+    return f"{s.fingerprint}/{s.num_features}/{s.num_classes}"
+
+
+def _resume(result: FederationResult, checkpoint: Checkpoint, sites: list[SiteInfo]) -> None:
+    result.metrics.extend(checkpoint.metrics)
+    result.events.extend(checkpoint.events)
+    result.rounds.extend(checkpoint.rounds)
+    result.round_seconds.extend(checkpoint.round_seconds)
+    result.sites = sorted(set(result.sites) | set(checkpoint.sites))
+    result.resumed_from = checkpoint.last_round
+    spend = ", ".join(f"{k} {v:.3g}" for k, v in sorted(checkpoint.privacy.items()))
+    detail = (
+        f"resumed from the checkpoint after round {checkpoint.last_round} with "
+        f"{', '.join(s.name for s in sites)}; epsilon reported so far: {spend or 'none'}"
+    )
+    result.events.append(RoundEvent(checkpoint.last_round + 1, "resumed", detail))
+    logger.warning("%s", detail)
 
 
 def run_federation(
@@ -369,8 +540,39 @@ def run_federation(
     *,
     on_round_end: Callable[[FederationResult], None] | None = None,
 ) -> FederationResult:
-    """Run ``config.rounds`` rounds of federated training with per-site evaluation."""
+    """Run ``config.rounds`` rounds of federated training with per-site evaluation.
+
+    With ``config.checkpoint.dir`` set, the run's state is checkpointed after every round and a
+    run restarted with the same ``checkpoint.run_id`` resumes after the last checkpointed round.
+    ``on_round_end`` is called after every round (completed or not), once its checkpoint is
+    written.
+    """
     started = time.monotonic()
+    checkpoint = load_checkpoint(config) if config.checkpoint.dir else None
+    if checkpoint is not None and checkpoint.stopped:
+        raise ConfigError(
+            f"run {config.checkpoint.run_id!r} was stopped after round {checkpoint.last_round} "
+            f"({checkpoint.stopped}); it cannot be resumed. Start a new run with another "
+            "checkpoint.run_id."
+        )
+    if checkpoint is not None and checkpoint.last_round >= config.rounds:
+        logger.warning(
+            "run %r already completed its %d rounds (checkpoint); nothing to do",
+            config.checkpoint.run_id,
+            config.rounds,
+        )
+        done = FederationResult(
+            run_name=config.name,
+            sites=list(checkpoint.sites),
+            secure_aggregation=config.secure_aggregation.enabled,
+            dp=config.train.dp,
+            config_yaml=to_yaml(config),
+        )
+        done.metrics, done.events = list(checkpoint.metrics), list(checkpoint.events)
+        done.rounds, done.round_seconds = list(checkpoint.rounds), list(checkpoint.round_seconds)
+        done.resumed_from = checkpoint.last_round
+        done.final_state = dict(checkpoint.arrays)
+        return done
     secure = (
         SecureAggregator(config.secure_aggregation) if config.secure_aggregation.enabled else None
     )
@@ -388,21 +590,31 @@ def run_federation(
         refusals=refusals,
     )
     names = {s.node_id: s.name for s in sites}
+    declared = {s.name: s.stats.count for s in sites}
     logger.info(
         "federation of %d sites: %s (%d training records in all)",
         len(sites),
         ", ".join(f"{s.name} ({s.stats.count})" for s in sites),
         sum(s.stats.count for s in sites),
     )
-    model = _initial_model(config, sites)
-    arrays = ArrayRecord(model.state_dict())
+    strategy = create_strategy(config.strategy, min_sites=config.min_sites)
+    if checkpoint is None:
+        arrays = ArrayRecord(_initial_model(config, sites).state_dict())
+    else:
+        if checkpoint.layout != _layout(sites):
+            raise ConfigError(
+                f"the sites' data layout ({_layout(sites)}) differs from the checkpointed run's "
+                f"({checkpoint.layout}); a run can only resume on the same schema."
+            )
+        # The checkpoint's model, not a new one: it carries the scaling agreed at the start.
+        arrays = checkpoint.global_arrays
+        restore_strategy_state(strategy, checkpoint.strategy)
     # The model travels as one packed array each way (Flower's per-array envelope paid once);
     # a model mixing dtypes cannot be packed and travels array by array.
     with contextlib.suppress(ValueError):
         grid = PackingGrid(grid, arrays)
     if secure is not None:
         check_secure_model(arrays)
-    strategy = create_strategy(config.strategy, min_sites=config.min_sites)
     result = FederationResult(
         run_name=config.name,
         sites=[s.name for s in sites],
@@ -410,40 +622,57 @@ def run_federation(
         dp=config.train.dp,
         config_yaml=to_yaml(config),
     )
-    result.events.extend(RoundEvent(0, "discovery-refused", r) for r in refusals)
+    first_round = 1
+    if checkpoint is not None:
+        _resume(result, checkpoint, sites)
+        first_round = checkpoint.last_round + 1
+    result.events.extend(RoundEvent(first_round - 1, "discovery-refused", r) for r in refusals)
     result.setup_seconds = time.monotonic() - started
     train_config = _train_config(config)
-    for server_round in range(1, config.rounds + 1):
+    for server_round in range(first_round, config.rounds + 1):
         round_start = time.monotonic()
-        if not _wait_for_sites(grid, config.min_sites, config.round_timeout_s):
-            connected = len(list(grid.get_node_ids()))
+        stop = ""
+        nodes = _wait_for_sites(grid, config.min_sites, config.round_timeout_s, names)
+        if nodes is None:
+            connected = len(_connected(grid, names))
             detail = (
                 f"only {connected} site(s) connected, min_sites is {config.min_sites}; model kept"
             )
             result.events.append(RoundEvent(server_round, "round-skipped", detail))
+            result.rounds.append(RoundRecord(server_round, "aborted", detail))
             logger.error("round %d skipped: %s", server_round, detail)
             result.round_seconds.append(time.monotonic() - round_start)
+            _end_round(
+                config,
+                server_round,
+                arrays=arrays,
+                strategy=strategy,
+                result=result,
+                sites=sites,
+                stopped="",
+                on_round_end=on_round_end,
+            )
             continue
         # Only sites that joined at discovery take part (a node that refused, or connected
         # later, has no agreed schema, scaling or secure-aggregation keys).
-        messages = [
-            m
-            for m in strategy.configure_train(
-                server_round, arrays, ConfigRecord(dict(train_config)), grid
-            )
-            if m.metadata.dst_node_id in names
-        ]
+        fixed = _FixedNodes(grid, nodes)
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), fixed)
+        )
         if secure is None:
-            replies = _record(
-                grid.send_and_receive(messages, timeout=config.round_timeout_s),
-                server_round,
-                "train",
-                names,
-                result,
+            new_arrays, detail = _plain_train_round(
+                grid=grid,
+                strategy=strategy,
+                server_round=server_round,
+                messages=messages,
+                arrays=arrays,
+                config=config,
+                names=names,
+                declared=declared,
+                result=result,
             )
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
         else:
-            new_arrays = _secure_train_round(
+            new_arrays, detail = _secure_train_round(
                 grid=grid,
                 strategy=strategy,
                 secure=secure,
@@ -455,6 +684,7 @@ def run_federation(
                 result=result,
             )
         if new_arrays is None:
+            result.rounds.append(RoundRecord(server_round, "aborted", detail))
             logger.warning("round %d: the global model is unchanged", server_round)
             if (
                 secure is not None
@@ -467,43 +697,86 @@ def run_federation(
                 result.events.append(
                     RoundEvent(server_round, "run-stopped", "secure_aggregation.on_abort=stop")
                 )
+                _end_round(
+                    config,
+                    server_round,
+                    arrays=arrays,
+                    strategy=strategy,
+                    result=result,
+                    sites=sites,
+                    stopped="secure_aggregation.on_abort=stop",
+                    on_round_end=None,
+                )
                 break
         else:
             arrays = _cast_like(new_arrays, arrays)
-        eval_messages = [
-            m
-            for m in strategy.configure_evaluate(
-                server_round, arrays, ConfigRecord(dict(train_config)), grid
+            result.rounds.append(RoundRecord(server_round, "completed", detail))
+        eval_messages = list(
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(train_config)), fixed
             )
-            if m.metadata.dst_node_id in names
-        ]
+        )
+        eval_malformed: set[int] = set()
         eval_replies = _record(
             grid.send_and_receive(eval_messages, timeout=config.round_timeout_s),
             server_round,
             "evaluate",
             names,
             result,
+            malformed=eval_malformed,
         )
-        strategy.aggregate_evaluate(server_round, eval_replies)
+        strategy.aggregate_evaluate(
+            server_round, [r for r in eval_replies if r.metadata.src_node_id not in eval_malformed]
+        )
         result.round_seconds.append(time.monotonic() - round_start)
         _log_round(result, server_round, config.rounds, result.round_seconds[-1])
-        if on_round_end is not None:
-            on_round_end(result)
         refused = [
             e for e in result.events if e.round == server_round and e.kind.endswith("-refused")
         ]
         if refused and config.on_site_refusal == "stop":
-            result.events.append(
-                RoundEvent(
-                    server_round,
-                    "run-stopped",
-                    f"{len(refused)} site refusal(s); on_site_refusal=stop",
-                )
-            )
+            stop = f"{len(refused)} site refusal(s); on_site_refusal=stop"
+            result.events.append(RoundEvent(server_round, "run-stopped", stop))
             logger.error(
                 "stopping the run after round %d: a site refused (on_site_refusal=stop)",
                 server_round,
             )
+        _end_round(
+            config,
+            server_round,
+            arrays=arrays,
+            strategy=strategy,
+            result=result,
+            sites=sites,
+            stopped=stop,
+            on_round_end=on_round_end,
+        )
+        if stop:
             break
     result.final_state = arrays.to_torch_state_dict()
     return result
+
+
+def _end_round(
+    config: RunConfig,
+    server_round: int,
+    *,
+    arrays: ArrayRecord,
+    strategy: Strategy,
+    result: FederationResult,
+    sites: list[SiteInfo],
+    stopped: str,
+    on_round_end: Callable[[FederationResult], None] | None,
+) -> None:
+    """Checkpoint the round (when configured), then tell the caller."""
+    if config.checkpoint.dir:
+        save_checkpoint(
+            config,
+            last_round=server_round,
+            arrays=arrays,
+            strategy=strategy,
+            result=result,
+            layout=_layout(sites),
+            stopped=stopped,
+        )
+    if on_round_end is not None:
+        on_round_end(result)

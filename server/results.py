@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FederationResult", "RoundEvent", "SiteRoundMetrics", "format_summary", "write_results"]
+__all__ = [
+    "FederationResult",
+    "RoundEvent",
+    "RoundRecord",
+    "SiteRoundMetrics",
+    "format_summary",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,19 @@ class RoundEvent:
     detail: str
 
 
+@dataclass(frozen=True)
+class RoundRecord:
+    """How a round ended: ``completed`` (a new global model) or ``aborted`` (model kept).
+
+    ``detail`` says why a round was aborted, or which sites' updates were rejected in a
+    completed one. Every round of a run gets exactly one record, across server restarts.
+    """
+
+    round: int
+    status: str
+    detail: str = ""
+
+
 @dataclass
 class FederationResult:
     """Everything a run produced; written by :func:`write_results`."""
@@ -62,6 +82,9 @@ class FederationResult:
     config_yaml: str = ""
     setup_seconds: float = 0.0
     round_seconds: list[float] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    resumed_from: int = 0
+    """The last round of the checkpoint this run resumed from (0: started fresh)."""
 
     def final(self, phase: str = "evaluate") -> dict[str, SiteRoundMetrics]:
         """Each site's last successful metrics of ``phase``."""
@@ -114,6 +137,8 @@ def write_results(result: FederationResult, output_dir: str | Path) -> Path:
         "round_seconds": result.round_seconds,
         "metrics": rows,
         "events": [asdict(e) for e in result.events],
+        "rounds": [asdict(r) for r in result.rounds],
+        "resumed_from": result.resumed_from,
         "final": {site: asdict(m) for site, m in result.final().items()},
     }
     _atomic_write(
@@ -165,6 +190,12 @@ def format_summary(result: FederationResult) -> str:
         )
         worst = min(rows, key=lambda r: (math.isnan(r.accuracy), r.accuracy))
         lines.append(f"worst site: {worst.site} (accuracy {_fmt(worst.accuracy)})")
+    aborted = [r for r in result.rounds if r.status != "completed"]
+    if result.rounds:
+        lines.append(
+            f"rounds: {len(result.rounds) - len(aborted)} completed, {len(aborted)} aborted"
+            + (f" (resumed after round {result.resumed_from})" if result.resumed_from else "")
+        )
     for event in result.events:
         lines.append(f"round {event.round}: {event.kind}: {event.detail}")
     return "\n".join(lines) + "\n"

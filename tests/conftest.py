@@ -26,3 +26,13 @@ def _demo_config(*overrides: str) -> SimulationConfig:
 def demo_config() -> Callable[..., SimulationConfig]:
     """Builds the demo federation's config (Paris, Nantes, Berlin) with ``key=value`` overrides."""
     return _demo_config
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run only when asked for (``-m soak``, ``tox -e soak``): they take minutes."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the soak takes minutes: run it with tox -e soak (-m soak)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

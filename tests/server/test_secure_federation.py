@@ -64,10 +64,10 @@ def updates(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, int], tuple[floa
     seen: dict[tuple[int, int], tuple[float, np.ndarray]] = {}
     original = site_secure.mask_update
 
-    def capture(context, request, update, *, weight):  # type: ignore[no-untyped-def]
+    def capture(context, request, update, *, weight, **kwargs):  # type: ignore[no-untyped-def]
         rnd = int(request["secagg.round"])
         seen[(context.node_id, rnd)] = (weight, update.copy())
-        return original(context, request, update, weight=weight)
+        return original(context, request, update, weight=weight, **kwargs)
 
     monkeypatch.setattr(site_secure, "mask_update", capture)
     return seen
