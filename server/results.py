@@ -16,10 +16,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["FederationResult", "RoundEvent", "SiteRoundMetrics", "format_summary", "write_results"]
+if TYPE_CHECKING:
+    from clinfed.server.evaluation import FinalEvaluation
+
+__all__ = [
+    "FederationResult",
+    "RoundEvent",
+    "SiteRoundMetrics",
+    "format_summary",
+    "write_evaluation",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,8 @@ class FederationResult:
     config_yaml: str = ""
     setup_seconds: float = 0.0
     round_seconds: list[float] = field(default_factory=list)
+    evaluation: FinalEvaluation | None = None
+    """The end-of-run report's data (``report.enabled``), written to ``evaluation.json``."""
 
     def final(self, phase: str = "evaluate") -> dict[str, SiteRoundMetrics]:
         """Each site's last successful metrics of ``phase``."""
@@ -125,7 +138,16 @@ def write_results(result: FederationResult, output_dir: str | Path) -> Path:
     _atomic_write(folder / "model.pt", model_buffer.getvalue())
     _atomic_write(folder / "config.yaml", result.config_yaml.encode())
     _atomic_write(folder / "summary.txt", format_summary(result).encode())
+    if result.evaluation is not None:
+        write_evaluation(result.evaluation, folder)
     return folder
+
+
+def write_evaluation(evaluation: FinalEvaluation, folder: str | Path) -> Path:
+    """Write (or replace) ``evaluation.json``, the end-of-run report's data, in ``folder``."""
+    path = Path(folder) / "evaluation.json"
+    _atomic_write(path, json.dumps(evaluation.to_json(), indent=2, allow_nan=True).encode())
+    return path
 
 
 def _fmt(value: float, digits: int = 3) -> str:
