@@ -52,7 +52,8 @@ def conformity_scores(
 ) -> npt.NDArray[np.float64]:
     """``1 − p̂(true class)`` per record, in [0, 1]."""
     p = probabilities.astype(np.float64)[np.arange(len(labels)), labels]
-    return np.clip(1.0 - p, 0.0, 1.0)
+    scores: npt.NDArray[np.float64] = np.clip(1.0 - p, 0.0, 1.0)
+    return scores
 
 
 def score_histogram(scores: npt.NDArray[np.floating], *, bins: int) -> list[int]:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from flwr.app import MetricRecordValues
 from torch import nn
@@ -95,8 +96,9 @@ def read_report_request(config: Mapping[str, object]) -> ReportRequest:
     )
 
 
-def _probabilities(model: nn.Module, x: torch.Tensor) -> np.ndarray:  # type: ignore[type-arg]
-    return predict_proba(model, x).double().numpy()
+def _probabilities(model: nn.Module, x: torch.Tensor) -> npt.NDArray[np.float64]:
+    probabilities: npt.NDArray[np.float64] = predict_proba(model, x).double().numpy()
+    return probabilities
 
 
 def site_report(

@@ -286,9 +286,9 @@ def _worst_site(run: _Run, evaluation: FinalEvaluation | None) -> str:
         }
         if not final:
             return "<p>No site returned a result.</p>"
-        worst = min(final.values(), key=lambda m: m["accuracy"])
+        lowest = min(final.values(), key=lambda m: m["accuracy"])
         return (
-            f"<p>Worst site: <b>{_e(worst['site'])}</b> (accuracy {_num(worst['accuracy'])}).</p>"
+            f"<p>Worst site: <b>{_e(lowest['site'])}</b> (accuracy {_num(lowest['accuracy'])}).</p>"
         )
     fed = {s: e for s, e in evaluation.models[FEDERATED].items() if not e.error}
     if not fed:
@@ -572,10 +572,11 @@ def _conformal_text(evaluation: FinalEvaluation) -> str:
     if c.threshold_bin is None:
         return f"<p class='warn'>No conformal threshold: {_e(c.note)}</p>"
     return (
-        f"<p>At risk level α = {c.alpha:g}, the model answers with one class when its "
-        f"probability for that class is at least {1 - c.threshold:.2f} and the other's is not, "
-        "and otherwise <b>abstains</b> (its prediction set holds both classes or none). Threshold "
-        f"on the conformity score 1 − p̂(y): {c.threshold:.2f}, the upper edge of the bin holding "
+        f"<p>At risk level α = {c.alpha:g}, a class is in a patient's prediction set when the "
+        f"model gives it a probability of at least {1 - c.threshold:.2f}. The model answers when "
+        "the set is a single class (with two classes: when it is more than "
+        f"{c.threshold:.2f} sure) and otherwise <b>abstains</b> — the case goes to a clinician. "
+        f"Threshold on the conformity score 1 − p̂(y): {c.threshold:.2f}, the upper edge of the bin holding "
         f"the ⌈(N+1)(1−α)⌉-th smallest of the N = {c.calibration_examples} calibration scores of "
         f"all sites ({c.bins}-bin public grid; each site sent only its counts per bin). "
         f"Guarantee: coverage ≥ {1 - c.alpha:.2f} for a patient drawn like the federation's "
