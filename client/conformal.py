@@ -70,7 +70,7 @@ def threshold_of_bin(bin_index: int, *, bins: int) -> float:
 
 
 def prediction_sets(
-    probabilities: npt.NDArray[np.floating], threshold: float
+    probabilities: npt.NDArray[np.floating], *, threshold: float
 ) -> npt.NDArray[np.bool_]:
     """``[n, classes]``: class c is in record i's set iff ``1 − p̂_c ≤ threshold``."""
     return np.asarray((1.0 - probabilities.astype(np.float64)) <= threshold)
@@ -92,14 +92,14 @@ class ConformalOutcome:
 
 
 def conformal_outcome(
-    probabilities: npt.NDArray[np.floating], labels: npt.NDArray[np.integer], threshold: float
+    probabilities: npt.NDArray[np.floating], labels: npt.NDArray[np.integer], *, threshold: float
 ) -> ConformalOutcome:
     """Coverage and abstention of the threshold-``threshold`` prediction sets on ``labels``."""
     n = len(labels)
     if n == 0:
         nan = float("nan")
         return ConformalOutcome(0, nan, nan, nan)
-    sets = prediction_sets(probabilities, threshold)
+    sets = prediction_sets(probabilities, threshold=threshold)
     covered = sets[np.arange(n), labels]
     answered = sets.sum(axis=1) == 1
     correct = covered & answered

@@ -149,7 +149,9 @@ def site_conformal(
         threshold = threshold_of_bin(threshold_bin, bins=bins)
     except ValueError as error:
         raise ProtocolError(f"the server's conformal threshold is invalid: {error}") from None
-    outcome = conformal_outcome(_probabilities(model, data.x_test), data.y_test.numpy(), threshold)
+    outcome = conformal_outcome(
+        _probabilities(model, data.x_test), data.y_test.numpy(), threshold=threshold
+    )
     return {
         K.NUM_EXAMPLES: outcome.num_examples,
         K.CONFORMAL_COVERAGE: outcome.coverage,

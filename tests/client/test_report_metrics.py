@@ -133,7 +133,9 @@ def test_conformal_sets_cover_exchangeable_patients_at_level_one_minus_alpha() -
         counts = score_histogram(conformity_scores(probs[cal], y[cal]), bins=50)
         chosen = conformal_threshold_bin(counts, alpha=alpha)
         assert chosen is not None
-        outcome = conformal_outcome(probs[test], y[test], threshold_of_bin(chosen, bins=50))
+        outcome = conformal_outcome(
+            probs[test], y[test], threshold=threshold_of_bin(chosen, bins=50)
+        )
         coverages.append(outcome.coverage)
 
     assert np.mean(coverages) >= 1 - alpha
