@@ -201,7 +201,10 @@ class ReportConfig:
     After the last round every site evaluates the final model on its own splits and sends only
     aggregates: ``bootstrap`` resamples for 95 % intervals, a ``reliability_bins`` reliability
     diagram, and its calibration scores' counts on a ``conformal_bins`` grid, from which the
-    server sets the conformal threshold at risk level ``alpha``. ``baselines`` (simulation only)
+    server sets the conformal threshold at risk level ``alpha``: one for the whole federation
+    (``conformal_scope: federation``, a guarantee for the pooled population) or, with ``site``,
+    at each site the larger of that and the site's own quantile (a guarantee at every site that
+    holds enough calibration records, at the price of more abstention). ``baselines`` (simulation only)
     adds local-only, pooled and personalized models, the last fine-tuned for
     ``personalize_epochs`` epochs within the site's own ε (see README, "The report").
     """
@@ -211,6 +214,7 @@ class ReportConfig:
     bootstrap: int = 1000
     reliability_bins: int = 10
     conformal_bins: int = 50
+    conformal_scope: str = "federation"
     baselines: bool = True
     personalize_epochs: int = 2
 
@@ -230,6 +234,10 @@ class ReportConfig:
             2 <= self.conformal_bins <= 100,
             f"report.conformal_bins must be in 2..100 (sites refuse finer grids); found "
             f"{self.conformal_bins}.",
+        )
+        _require(
+            self.conformal_scope in ("federation", "site"),
+            f"report.conformal_scope must be federation or site; found {self.conformal_scope!r}.",
         )
         _require(
             self.personalize_epochs >= 1,

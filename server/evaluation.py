@@ -68,9 +68,11 @@ class SiteEvaluation:
     reliability_observed: tuple[float, ...] = ()
     calibration_examples: int = 0
     epsilon: float = math.nan
+    conformal_threshold: float = math.nan
     conformal_coverage: float = math.nan
     conformal_abstention: float = math.nan
     conformal_answered_accuracy: float = math.nan
+    conformal_note: str = ""
     error: str = ""
 
     @property
@@ -85,6 +87,8 @@ class SiteEvaluation:
             notes.append("ROC AUC undefined: the test split holds a single class")
         elif math.isnan(self.roc_auc_low):
             notes.append("too few records of one class for a ROC AUC interval")
+        if self.conformal_note:
+            notes.append(self.conformal_note)
         return notes
 
 
@@ -98,6 +102,7 @@ class ConformalSummary:
 
     alpha: float
     bins: int
+    scope: str = "federation"
     calibration_examples: int = 0
     threshold_bin: int | None = None
     threshold: float = math.nan
@@ -216,8 +221,12 @@ def _ask(
     arrays: ArrayRecord,
     config: Mapping[str, Any],
     timeout_s: float,
+    per_site: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, MetricRecord | str]:
-    """Send one report query to every site; each site's REPORT record, or why there is none."""
+    """Send one report query to every site; each site's REPORT record, or why there is none.
+
+    ``per_site`` adds site-specific keys to a site's CONFIG (its own conformal threshold).
+    """
     from clinfed.server.federation import _reason  # noqa: PLC0415 - federation imports this module
 
     connected = set(grid.get_node_ids())
@@ -225,7 +234,9 @@ def _ask(
         Message(
             RecordDict(
                 {
-                    wire.CONFIG: ConfigRecord({**config, K.QUERY: kind}),
+                    wire.CONFIG: ConfigRecord(
+                        {**config, **(per_site or {}).get(names[node], {}), K.QUERY: kind}
+                    ),
                     wire.ARRAYS: arrays,
                 }
             ),
@@ -280,6 +291,7 @@ def evaluate_final_model(
     )
     sites: dict[str, SiteEvaluation] = {}
     totals = np.zeros(r.conformal_bins, dtype=np.int64)
+    site_counts: dict[str, list[int]] = {}
     for name in sorted(answers):
         answer = answers[name]
         eps = epsilons.get(name, math.nan)
@@ -299,6 +311,7 @@ def evaluate_final_model(
             sites[name] = SiteEvaluation(site=name, epsilon=eps, error=str(error))
             continue
         totals += np.asarray(counts, dtype=np.int64)
+        site_counts[name] = counts
         sites[name] = replace(evaluation, epsilon=eps)
     n_cal = int(totals.sum())
     threshold_bin = conformal_threshold_bin([int(c) for c in totals], alpha=r.alpha)
@@ -306,6 +319,7 @@ def evaluate_final_model(
         conformal = ConformalSummary(
             alpha=r.alpha,
             bins=r.conformal_bins,
+            scope=r.conformal_scope,
             calibration_examples=n_cal,
             note=(
                 f"{n_cal} calibration records in the federation: at least "
@@ -320,17 +334,39 @@ def evaluate_final_model(
     conformal = ConformalSummary(
         alpha=r.alpha,
         bins=r.conformal_bins,
+        scope=r.conformal_scope,
         calibration_examples=n_cal,
         threshold_bin=threshold_bin,
         threshold=(threshold_bin + 1) / r.conformal_bins,
     )
+    chosen = {name: threshold_bin for name in site_counts}
+    if r.conformal_scope == "site":
+        # Site-conditional (Mondrian) calibration: the larger of the federation's threshold and
+        # the site's own quantile keeps both guarantees — for the pooled population and for the
+        # site's own patients (Vovk 2012) — from the counts the server already has.
+        for name, counts in site_counts.items():
+            own = conformal_threshold_bin(counts, alpha=r.alpha)
+            if own is None:
+                sites[name] = replace(
+                    sites[name],
+                    conformal_note=(
+                        f"{sum(counts)} calibration records: too few for a guarantee at this site "
+                        f"(at least {math.ceil(1 / r.alpha) - 1} needed at α = {r.alpha:g}); the "
+                        "federation's threshold is used"
+                    ),
+                )
+            else:
+                chosen[name] = max(threshold_bin, own)
+    for name, chosen_bin in chosen.items():
+        sites[name] = replace(sites[name], conformal_threshold=(chosen_bin + 1) / r.conformal_bins)
     answers = _ask(
         grid,
-        {n: s for n, s in names.items() if not sites[s].error},
+        {n: s for n, s in names.items() if s in chosen},
         kind=wire.QUERY_SITE_CONFORMAL,
         arrays=arrays,
-        config={**settings, K.CONFORMAL_THRESHOLD_BIN: threshold_bin},
+        config=settings,
         timeout_s=config.round_timeout_s,
+        per_site={name: {K.CONFORMAL_THRESHOLD_BIN: b} for name, b in chosen.items()},
     )
     for name, answer in answers.items():
         if isinstance(answer, str):

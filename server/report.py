@@ -327,10 +327,15 @@ def _worst_site(run: _Run, evaluation: FinalEvaluation | None) -> str:
         if not math.isnan(e.conformal_coverage) and e.conformal_coverage < target
     ]
     if below:
+        why = (
+            "the guarantee is for the federation's pooled population, not for each site"
+            if evaluation.conformal.scope == "federation"
+            else "the guarantee holds on average over calibration and test draws, and this test "
+            "split is small"
+        )
         lines.append(
             f"<li class='warn'>Conformal coverage below 1 − α = {target:.2f} at: "
-            f"{', '.join(below)} — the guarantee is for the federation's pooled population, not "
-            "for each site (see below).</li>"
+            f"{', '.join(below)} — {why} (see below).</li>"
         )
     return "<ul>" + "\n".join(lines) + "</ul>"
 
@@ -419,10 +424,12 @@ def _conformal_table(evaluation: FinalEvaluation, sites: Sequence[str]) -> str:
     header = [
         "site",
         "calibration n",
+        "threshold t",
         "test n",
         "coverage",
         "abstention rate",
         "accuracy when it answers",
+        "notes",
     ]
     rows = []
     for site in sites:
@@ -431,10 +438,12 @@ def _conformal_table(evaluation: FinalEvaluation, sites: Sequence[str]) -> str:
             [
                 f"<b>{_e(site)}</b>",
                 str(e.calibration_examples),
+                _num(e.conformal_threshold, 2),
                 str(e.num_examples),
                 _num(e.conformal_coverage),
                 _num(e.conformal_abstention),
                 _num(e.conformal_answered_accuracy),
+                _e(e.conformal_note or e.error),
             ]
         )
     return _table("table-conformal", header, rows)
@@ -580,7 +589,17 @@ def _conformal_text(evaluation: FinalEvaluation) -> str:
         f"the ⌈(N+1)(1−α)⌉-th smallest of the N = {c.calibration_examples} calibration scores of "
         f"all sites ({c.bins}-bin public grid; each site sent only its counts per bin). "
         f"Guarantee: coverage ≥ {1 - c.alpha:.2f} for a patient drawn like the federation's "
-        "pooled calibration records; per site it is measured below, not guaranteed.</p>"
+        "pooled calibration records"
+        + (
+            "; per site it is measured below, not guaranteed (report.conformal_scope=site adds "
+            "a per-site guarantee).</p>"
+            if c.scope == "federation"
+            else ". <b>Per site</b> (report.conformal_scope=site): each site uses the larger of "
+            "this threshold and the same quantile of its own calibration scores, which also "
+            f"guarantees coverage ≥ {1 - c.alpha:.2f} for that site's own patients wherever it "
+            "holds enough calibration records (see the notes), at the price of more "
+            "abstentions.</p>"
+        )
     )
 
 

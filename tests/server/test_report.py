@@ -253,3 +253,24 @@ def test_conformal_coverage_on_each_sites_test_split_over_seeds(demo_config: Dem
     for site in SITES:  # each site's test split, over the seeds
         mean = sum(c[site] for c in coverage.values()) / len(seeds)
         assert mean >= 1 - alpha - 0.05, (site, coverage)
+
+
+def test_site_scope_conformal_never_lowers_the_federation_threshold(
+    demo_config: Demo, tmp_path: Path
+) -> None:
+    config = demo_config(
+        "rounds=3", "report.conformal_scope=site", "report.baselines=false", "report.alpha=0.2"
+    )
+
+    result = run_inprocess_federation(config)
+
+    assert result.evaluation is not None
+    conformal = result.evaluation.conformal
+    assert conformal.scope == "site" and not math.isnan(conformal.threshold)
+    for e in result.evaluation.models[FEDERATED].values():
+        assert e.conformal_threshold >= conformal.threshold
+        assert 0 <= e.conformal_coverage <= 1
+    folder = write_results(result, tmp_path)
+    rows = _parse(write_report(folder)).tables["table-conformal"][1:]
+    assert sorted(r[0] for r in rows) == SITES
+    assert all(float(r[2]) >= conformal.threshold for r in rows)
