@@ -274,3 +274,26 @@ def test_site_scope_conformal_never_lowers_the_federation_threshold(
     rows = _parse(write_report(folder)).tables["table-conformal"][1:]
     assert sorted(r[0] for r in rows) == SITES
     assert all(float(r[2]) >= conformal.threshold for r in rows)
+
+
+def test_a_site_whose_policy_keeps_the_report_in_gets_a_note_not_a_crash(
+    demo_config: Demo, tmp_path: Path
+) -> None:
+    from tests.client.test_governance_federation import _governed
+
+    config = demo_config("rounds=2", "report.baselines=false")
+    config = _governed(config, tmp_path / "sites")
+    # Paris' hospital lets only the training and evaluation metrics out, not the report's.
+    policy = tmp_path / "sites" / "paris" / "policy.yaml"
+    text = policy.read_text()
+    policy.write_text(text[: text.index("    # the end-of-run report")] + "]\n")
+
+    result = run_inprocess_federation(config)
+    folder = write_results(result, tmp_path / "results")
+    rows = {r[0]: r for r in _parse(write_report(folder)).tables["table-final"][1:]}
+
+    assert result.evaluation is not None
+    assert "egress.allowed_metrics" in result.evaluation.models[FEDERATED]["paris"].error
+    assert "no result" in rows["paris"][-1]
+    assert not result.evaluation.models[FEDERATED]["nantes"].error
+    assert not math.isnan(result.evaluation.conformal.threshold)  # from the other two sites
