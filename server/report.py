@@ -224,8 +224,9 @@ def _reliability_plot(evaluations: Mapping[str, SiteEvaluation], sites: Sequence
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted risk")
-        ax.set_ylabel("observed rate")
+        # Two classes: risk of class 1; more: top-label confidence (client/metrics.py).
+        ax.set_xlabel("predicted risk (or top-class confidence)", fontsize=8)
+        ax.set_ylabel("observed rate (or accuracy)", fontsize=8)
         if e is None or e.error or not e.reliability_counts:
             ax.set_title(f"{site}: no result", fontsize=10)
             continue
