@@ -29,6 +29,7 @@ from clinfed.config import RunConfig
 from clinfed.errors import ProtocolError
 
 __all__ = [
+    "FEDERATED",
     "ConformalSummary",
     "FinalEvaluation",
     "SiteEvaluation",
@@ -302,10 +303,15 @@ def evaluate_final_model(
         try:
             evaluation = parse_site_report(answer, site=name)
             counts = wire.read_ints(answer, K.CONFORMAL_SCORE_COUNTS, sender=f"site {name}")
-            if len(counts) != r.conformal_bins or sum(counts) != evaluation.calibration_examples:
+            if (
+                len(counts) != r.conformal_bins
+                or sum(counts) != evaluation.calibration_examples
+                or min(counts, default=0) < 0
+            ):
                 raise ProtocolError(
                     f"site {name} sent {len(counts)} score counts summing to {sum(counts)}; "
-                    f"expected {r.conformal_bins} summing to {evaluation.calibration_examples}."
+                    f"expected {r.conformal_bins} counts >= 0 summing to "
+                    f"{evaluation.calibration_examples}."
                 )
         except ProtocolError as error:
             sites[name] = SiteEvaluation(site=name, epsilon=eps, error=str(error))

@@ -167,7 +167,12 @@ def test_evaluation_json_round_trips(demo_run: tuple[FederationResult, Path]) ->
 def test_a_site_with_too_few_test_records_gets_a_note_not_a_crash(
     demo_config: Demo, tmp_path: Path
 ) -> None:
-    config = demo_config("rounds=2", "report.baselines=false", f"output_dir={tmp_path}")
+    config = demo_config(
+        "rounds=2",
+        "report.baselines=false",
+        "secure_aggregation.enabled=false",
+        f"output_dir={tmp_path}",
+    )
     tiny = [
         dataclasses.replace(s, data=dataclasses.replace(s.data, test_fraction=0.05))
         if s.name == "berlin"
@@ -185,6 +190,7 @@ def test_a_site_with_too_few_test_records_gets_a_note_not_a_crash(
     assert "too few for a bootstrap interval" in rows["berlin"][-1]
     assert "(no interval)" in rows["berlin"][2]
     assert "[" in rows["paris"][2]  # the others keep theirs
+    assert "secure aggregation OFF" in " ".join(report.text)  # never silent
 
 
 def test_clinfed_report_renders_a_results_folder(
