@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clinfed import wire
-from clinfed.client import secure
+from clinfed.client import report, secure
 from clinfed.client.governance import Governance
 from clinfed.client.mods import egress_guard_mod
 from clinfed.client.site import (
@@ -207,6 +207,8 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
                     "the server's unmask request carries no secure-aggregation record."
                 )
             return Message(RecordDict({wire.SECAGG: secure.unmask(context, request)}), reply_to=msg)
+        if kind in (wire.QUERY_SITE_REPORT, wire.QUERY_SITE_CONFORMAL):
+            return _report(msg, context, config, kind)
         if kind != wire.QUERY_SITE_INFO:
             raise ProtocolError(f"the server sent an unknown query {kind!r}.")
         site = resolve_site(context)
@@ -236,6 +238,24 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         if setup is not None and settings is not None:
             content[wire.SECAGG] = secure.setup_keys(context, setup, settings)
         return Message(content, reply_to=msg)
+
+    def _report(msg: Message, context: Context, config: ConfigRecord, kind: str) -> Message:
+        """The site's part of the end-of-run report on the model the server sent (aggregates)."""
+        site = resolve_site(context)
+        torch.set_num_threads(site.torch_threads)
+        data = load_site_data(site)
+        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        if kind == wire.QUERY_SITE_REPORT:
+            values = report.site_report(model, data, report.read_report_request(config))
+        else:
+            values = report.site_conformal(
+                model,
+                data,
+                threshold_bin=wire.read_int(config, K.CONFORMAL_THRESHOLD_BIN, sender=_SERVER),
+                bins=wire.read_int(config, K.CONFORMAL_BINS, sender=_SERVER),
+            )
+        Governance(site).check_metrics(values)
+        return Message(RecordDict({wire.REPORT: MetricRecord(values)}), reply_to=msg)
 
     @client_app.train(mods=[egress_guard_mod])
     def train(msg: Message, context: Context) -> Message:

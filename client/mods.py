@@ -33,6 +33,7 @@ _ALLOWED: dict[str, dict[str, type]] = {
         wire.SITE: ConfigRecord,
         wire.STATS: MetricRecord,
         wire.SECAGG: ConfigRecord,
+        wire.REPORT: MetricRecord,
     },
 }
 _METRIC_KEYS = {
@@ -85,6 +86,8 @@ def _check(request: Message, reply: Message) -> None:
         raise PrivacyError("egress refused: unexpected key in the site description.")
     if wire.STATS in content and set(content.metric_records[wire.STATS]) - _STATS_KEYS:
         raise PrivacyError("egress refused: unexpected key in the feature aggregates.")
+    if wire.REPORT in content:
+        _check_report(content.metric_records[wire.REPORT])
     if wire.ARRAYS in content:
         sent = request.content.array_records.get(wire.ARRAYS)
         got = content.array_records[wire.ARRAYS]
@@ -99,6 +102,28 @@ def _check(request: Message, reply: Message) -> None:
                 "egress refused: the reply's model arrays differ in names, shapes or dtypes from "
                 "the global model the server sent."
             )
+
+
+_MAX_REPORT_LIST = 100
+"""Longest per-bin list a report may hold (the site's finest grid, see clinfed.client.report)."""
+
+
+def _check_report(record: MetricRecord) -> None:
+    """Report aggregates: whitelisted keys; scalars, or short per-bin lists where allowed."""
+    extra = set(record) - wire.REPORT_METRIC_KEYS
+    if extra:
+        raise PrivacyError(
+            f"egress refused: report key(s) {sorted(extra)} are not on the whitelist."
+        )
+    for key, value in record.items():
+        if isinstance(value, list):
+            if key not in wire.REPORT_LIST_KEYS or len(value) > _MAX_REPORT_LIST:
+                raise PrivacyError(
+                    f"egress refused: report key {key!r} must be one scalar, or one number per bin "
+                    f"of a grid of at most {_MAX_REPORT_LIST} bins."
+                )
+        elif not isinstance(value, int | float):
+            raise PrivacyError(f"egress refused: report key {key!r} must be a number.")
 
 
 def _check_secagg(request: Message, record: ConfigRecord) -> None:

@@ -50,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_WIRE_METRICS = wire.TRAIN_METRIC_KEYS | wire.EVALUATE_METRIC_KEYS
+_WIRE_METRICS = wire.TRAIN_METRIC_KEYS | wire.EVALUATE_METRIC_KEYS | wire.REPORT_METRIC_KEYS
 
 
 def _number(key: str, value: object, *, low: float, low_open: bool = True) -> float:

@@ -21,7 +21,13 @@ import torch
 from flwr.app import MetricRecordValues
 from torch import nn
 
-from clinfed.client.data import DatasetSchema, load_schema, load_site_table, split_train_test
+from clinfed.client.data import (
+    DatasetSchema,
+    SiteTable,
+    load_schema,
+    load_site_table,
+    split_train_test,
+)
 from clinfed.client.training import EvalResult, TrainResult, TrainSettings, evaluate, train
 from clinfed.config import SiteConfig
 from clinfed.errors import PrivacyError, UpdateRejectedError
@@ -56,6 +62,9 @@ class SiteData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_cal: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    """Conformal calibration split: carved from the training rows, never trained on."""
+    y_cal: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def num_features(self) -> int:
@@ -72,34 +81,55 @@ def schema_fingerprint(schema: DatasetSchema) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _tensors(table: SiteTable) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(np.ascontiguousarray(table.features, dtype=np.float32)),
+        torch.from_numpy(table.labels.astype(np.int64)),
+    )
+
+
 @cache
-def _load(path: str, schema_path: str, test_fraction: float, split_seed: int) -> SiteData:
+def _load(
+    path: str,
+    schema_path: str,
+    test_fraction: float,
+    split_seed: int,
+    calibration_fraction: float = 0.0,
+) -> SiteData:
     schema = load_schema(schema_path)
     table = load_site_table(path, schema)
     train_table, test_table = split_train_test(table, test_fraction=test_fraction, seed=split_seed)
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+    if calibration_fraction > 0:
+        # Carved from the training rows with its own seed, before any training: the model never
+        # sees them, so their conformity scores are exchangeable with the test split's.
+        train_table, cal_table = split_train_test(
+            train_table, test_fraction=calibration_fraction, seed=split_seed + 1
+        )
+        calibration = _tensors(cal_table)
     logger.info(
-        "loaded %s: %d training and %d test records, %d features, %d classes",
+        "loaded %s: %d training, %d calibration and %d test records, %d features, %d classes",
         table.source,
         len(train_table),
+        0 if calibration is None else len(calibration[1]),
         len(test_table),
         schema.num_encoded_features,
         len(schema.class_names),
     )
-    return SiteData(
-        schema=schema,
-        x_train=torch.from_numpy(np.ascontiguousarray(train_table.features, dtype=np.float32)),
-        y_train=torch.from_numpy(train_table.labels.astype(np.int64)),
-        x_test=torch.from_numpy(np.ascontiguousarray(test_table.features, dtype=np.float32)),
-        y_test=torch.from_numpy(test_table.labels.astype(np.int64)),
-    )
+    x_train, y_train = _tensors(train_table)
+    x_test, y_test = _tensors(test_table)
+    if calibration is None:
+        return SiteData(schema, x_train, y_train, x_test, y_test)
+    return SiteData(schema, x_train, y_train, x_test, y_test, *calibration)
 
 
 def describe_site(site: SiteConfig) -> str:
     """Load the site's data as training would and say, in a few lines, what was found."""
     data = load_site_data(site)
     return (
-        f"site {site.name}: data OK — {len(data.y_train)} training and {len(data.y_test)} test "
-        f"records, {data.num_features} encoded features, classes {list(data.schema.class_names)}; "
+        f"site {site.name}: data OK — {len(data.y_train)} training, {len(data.y_cal)} calibration "
+        f"and {len(data.y_test)} test records, {data.num_features} encoded features, "
+        f"classes {list(data.schema.class_names)}; "
         f"privacy target epsilon {site.privacy.epsilon:g}, delta {site.privacy.delta:g} "
         f"({site.privacy.accountant})"
     )
@@ -108,7 +138,7 @@ def describe_site(site: SiteConfig) -> str:
 def load_site_data(site: SiteConfig) -> SiteData:
     """Load and split the site's data once per process (validated against its schema)."""
     d = site.data
-    return _load(d.path, d.schema, d.test_fraction, d.split_seed)
+    return _load(d.path, d.schema, d.test_fraction, d.split_seed, d.calibration_fraction)
 
 
 @dataclass(frozen=True)

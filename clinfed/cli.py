@@ -29,6 +29,29 @@ def _simulate(args: argparse.Namespace) -> int:
     # Printed here, in the main thread, once Flower's engine has shut down.
     print(format_summary(outcome.result), end="", flush=True)
     print(f"\nresults: {outcome.folder}", flush=True)
+    evaluation = outcome.result.evaluation
+    if evaluation is not None:
+        from clinfed.baselines import add_baselines  # noqa: PLC0415
+        from clinfed.server.report import write_report  # noqa: PLC0415
+        from clinfed.server.results import write_evaluation  # noqa: PLC0415
+
+        if config.run.report.baselines:
+            add_baselines(config, evaluation)
+            write_evaluation(evaluation, outcome.folder)
+        print(f"report:  {write_report(outcome.folder)}", flush=True)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from clinfed.server.report import write_report  # noqa: PLC0415
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"results folder {folder} does not exist. Give a folder a run wrote, e.g. "
+            "results/demo-20261123-204500."
+        )
+    print(write_report(folder))
     return 0
 
 
@@ -151,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="e.g. rounds=5 strategy.name=fedadam"
     )
     simulate.set_defaults(handler=_simulate)
+    report = commands.add_parser(
+        "report",
+        help="render a run's HTML report from its results folder",
+        description="Write FOLDER/report.html from the raw results a run wrote in FOLDER.",
+    )
+    report.add_argument("folder", help="a results folder, e.g. results/demo-20261123-204500")
+    report.set_defaults(handler=_report)
     check = commands.add_parser(
         "check-site",
         help="validate a site config and its data against the schema (sends nothing)",

@@ -32,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyTarget",
     "RobustAggregationConfig",
+    "ReportConfig",
     "RunConfig",
     "SecureAggregationConfig",
     "ServerDeployConfig",
@@ -284,6 +285,57 @@ class RobustAggregationConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The end-of-run report (``report.html`` beside the raw results).
+
+    After the last round every site evaluates the final model on its own splits and sends only
+    aggregates: ``bootstrap`` resamples for 95 % intervals, a ``reliability_bins`` reliability
+    diagram, and its calibration scores' counts on a ``conformal_bins`` grid, from which the
+    server sets the conformal threshold at risk level ``alpha``: one for the whole federation
+    (``conformal_scope: federation``, a guarantee for the pooled population) or, with ``site``,
+    at each site the larger of that and the site's own quantile (a guarantee at every site that
+    holds enough calibration records, at the price of more abstention). ``baselines`` (simulation only)
+    adds local-only, pooled and personalized models, the last fine-tuned for
+    ``personalize_epochs`` epochs within the site's own ε (see README, "The report").
+    """
+
+    enabled: bool = True
+    alpha: float = 0.1
+    bootstrap: int = 1000
+    reliability_bins: int = 10
+    conformal_bins: int = 50
+    conformal_scope: str = "federation"
+    baselines: bool = True
+    personalize_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.alpha < 1, f"report.alpha must be in (0, 1); found {self.alpha}. Use e.g. 0.1."
+        )
+        _require(
+            100 <= self.bootstrap <= 10_000,
+            f"report.bootstrap must be in 100..10000 resamples; found {self.bootstrap}.",
+        )
+        _require(
+            1 <= self.reliability_bins <= 20,
+            f"report.reliability_bins must be in 1..20; found {self.reliability_bins}.",
+        )
+        _require(
+            2 <= self.conformal_bins <= 100,
+            f"report.conformal_bins must be in 2..100 (sites refuse finer grids); found "
+            f"{self.conformal_bins}.",
+        )
+        _require(
+            self.conformal_scope in ("federation", "site"),
+            f"report.conformal_scope must be federation or site; found {self.conformal_scope!r}.",
+        )
+        _require(
+            self.personalize_epochs >= 1,
+            f"report.personalize_epochs must be >= 1; found {self.personalize_epochs}.",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What the coordinating lab asks of a federation (sent to the sites)."""
 
@@ -302,6 +354,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: UpdateValidationConfig = field(default_factory=UpdateValidationConfig)
     robust_aggregation: RobustAggregationConfig = field(default_factory=RobustAggregationConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -365,11 +418,18 @@ class SiteDataConfig:
     schema: str = "???"
     test_fraction: float = 0.34
     split_seed: int = 43
+    calibration_fraction: float = 0.0
+    """Share of the training split held out, before any training, for conformal calibration."""
 
     def __post_init__(self) -> None:
         _require(
             0 < self.test_fraction < 1,
             f"data.test_fraction must be in (0, 1); found {self.test_fraction}.",
+        )
+        _require(
+            0 <= self.calibration_fraction < 1,
+            f"data.calibration_fraction must be in [0, 1); found {self.calibration_fraction}. "
+            "Use e.g. 0.2 (0 = no conformal calibration at this site).",
         )
 
 
@@ -518,6 +578,7 @@ class FederationConfig:
         default_factory=lambda: ["sites/paris.yaml", "sites/nantes.yaml", "sites/berlin.yaml"]
     )
     epsilon: float | None = None
+    calibration_fraction: float | None = None
     cpus_per_site: float = 1.0
     fresh_site_state: bool = True
 
@@ -526,6 +587,11 @@ class FederationConfig:
         _require(
             self.epsilon is None or self.epsilon > 0,
             f"federation.epsilon must be > 0 when set; found {self.epsilon}.",
+        )
+        _require(
+            self.calibration_fraction is None or 0 <= self.calibration_fraction < 1,
+            f"federation.calibration_fraction must be in [0, 1) when set; found "
+            f"{self.calibration_fraction}.",
         )
         _require(
             self.cpus_per_site > 0,
@@ -676,6 +742,13 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
         if federation.epsilon is not None:
             site = dataclasses.replace(
                 site, privacy=dataclasses.replace(site.privacy, epsilon=federation.epsilon)
+            )
+        if federation.calibration_fraction is not None:
+            site = dataclasses.replace(
+                site,
+                data=dataclasses.replace(
+                    site.data, calibration_fraction=federation.calibration_fraction
+                ),
             )
         sites.append(site)
     names = [s.name for s in sites]

@@ -25,7 +25,12 @@ __all__ = [
     "METRICS",
     "PACKED",
     "QUERY_SECAGG_UNMASK",
+    "QUERY_SITE_CONFORMAL",
     "QUERY_SITE_INFO",
+    "QUERY_SITE_REPORT",
+    "REPORT",
+    "REPORT_LIST_KEYS",
+    "REPORT_METRIC_KEYS",
     "SECAGG",
     "SECAGG_SETTINGS",
     "SITE",
@@ -51,6 +56,7 @@ SITE: Final = "site"  # ConfigRecord: site -> server identity and schema fingerp
 STATS: Final = "stats"  # MetricRecord: site -> server feature aggregates for scaling
 SECAGG: Final = "secagg"  # ConfigRecord: a secure-aggregation protocol message (either way)
 SECAGG_SETTINGS: Final = "secagg-settings"  # ConfigRecord: server -> site, the run's settings
+REPORT: Final = "report"  # MetricRecord: site -> server, end-of-run report aggregates
 
 # ------------------------------------------------------------------ packed model arrays
 PACKED: Final = "packed"
@@ -107,6 +113,8 @@ def unpack_arrays(record: ArrayRecord, layout: ArrayRecord, *, sender: str) -> A
 # ------------------------------------------------------------------ query message kinds
 QUERY_SITE_INFO: Final = "site-info"
 QUERY_SECAGG_UNMASK: Final = "secagg-unmask"
+QUERY_SITE_REPORT: Final = "site-report"  # final model -> intervals, calibration, score counts
+QUERY_SITE_CONFORMAL: Final = "site-conformal"  # final model + threshold -> coverage, abstention
 
 
 class Keys:
@@ -133,6 +141,12 @@ class Keys:
     SECAGG_TOTAL_EXAMPLES: Final = "secagg-total-examples"  # Σ n over the round's participants
     MAX_UPDATE_NORM: Final = "max-update-norm"  # L2 bound a site checks its own update against
     RUN_ID: Final = "run-id"  # the lab's resumable run id (stable across server restarts)
+
+    # server -> site (ConfigRecord CONFIG of a report query)
+    REPORT_BOOTSTRAP: Final = "report-bootstrap"  # bootstrap resamples
+    REPORT_RELIABILITY_BINS: Final = "report-reliability-bins"
+    CONFORMAL_BINS: Final = "conformal-bins"  # bins of the public conformity-score grid
+    CONFORMAL_THRESHOLD_BIN: Final = "conformal-threshold-bin"  # the federation's quantile bin
 
     # server -> site (ConfigRecord SECAGG_SETTINGS)
     SECAGG_MODE: Final = "mode"
@@ -163,6 +177,21 @@ class Keys:
     ACCURACY: Final = "accuracy"
     ROC_AUC: Final = "roc-auc"
 
+    # site -> server (MetricRecord REPORT), besides NUM_EXAMPLES, ACCURACY, ROC_AUC (test split)
+    ACCURACY_CI_LOW: Final = "accuracy-ci-low"  # bootstrap 95 % interval, computed at the site
+    ACCURACY_CI_HIGH: Final = "accuracy-ci-high"
+    ROC_AUC_CI_LOW: Final = "roc-auc-ci-low"
+    ROC_AUC_CI_HIGH: Final = "roc-auc-ci-high"
+    ECE: Final = "ece"  # expected calibration error
+    RELIABILITY_COUNTS: Final = "reliability-counts"  # per bin: records
+    RELIABILITY_PREDICTED: Final = "reliability-predicted"  # per bin: mean prediction (nan < 5)
+    RELIABILITY_OBSERVED: Final = "reliability-observed"  # per bin: observed rate (nan < 5)
+    CALIBRATION_EXAMPLES: Final = "calibration-examples"  # size of the conformal calibration split
+    CONFORMAL_SCORE_COUNTS: Final = "conformal-score-counts"  # calibration scores per grid bin
+    CONFORMAL_COVERAGE: Final = "conformal-coverage"  # on the test split
+    CONFORMAL_ABSTENTION: Final = "conformal-abstention"
+    CONFORMAL_ANSWERED_ACCURACY: Final = "conformal-answered-accuracy"
+
 
 TRAIN_METRIC_KEYS: Final = frozenset(
     {Keys.NUM_EXAMPLES, Keys.TRAIN_LOSS, Keys.EPSILON, Keys.DELTA, Keys.NOISE_MULTIPLIER}
@@ -170,6 +199,36 @@ TRAIN_METRIC_KEYS: Final = frozenset(
 EVALUATE_METRIC_KEYS: Final = frozenset(
     {Keys.NUM_EXAMPLES, Keys.LOSS, Keys.ACCURACY, Keys.ROC_AUC, Keys.EPSILON}
 )
+
+REPORT_METRIC_KEYS: Final = frozenset(
+    {
+        Keys.NUM_EXAMPLES,
+        Keys.ACCURACY,
+        Keys.ROC_AUC,
+        Keys.ACCURACY_CI_LOW,
+        Keys.ACCURACY_CI_HIGH,
+        Keys.ROC_AUC_CI_LOW,
+        Keys.ROC_AUC_CI_HIGH,
+        Keys.ECE,
+        Keys.RELIABILITY_COUNTS,
+        Keys.RELIABILITY_PREDICTED,
+        Keys.RELIABILITY_OBSERVED,
+        Keys.CALIBRATION_EXAMPLES,
+        Keys.CONFORMAL_SCORE_COUNTS,
+        Keys.CONFORMAL_COVERAGE,
+        Keys.CONFORMAL_ABSTENTION,
+        Keys.CONFORMAL_ANSWERED_ACCURACY,
+    }
+)
+REPORT_LIST_KEYS: Final = frozenset(
+    {
+        Keys.RELIABILITY_COUNTS,
+        Keys.RELIABILITY_PREDICTED,
+        Keys.RELIABILITY_OBSERVED,
+        Keys.CONFORMAL_SCORE_COUNTS,
+    }
+)
+"""The report keys whose value is a list (one number per bin of a public grid, never per record)."""
 
 
 # ------------------------------------------------------------------ typed, checked reads

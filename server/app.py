@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from clinfed._prompt import prompt_pulls
 from clinfed.config import RunConfig, load_run_config
 from clinfed.server.federation import run_federation
+from clinfed.server.report import write_report
 from clinfed.server.results import FederationResult, format_summary, write_results
 from clinfed.server.transport import PromptGrid
 
@@ -69,6 +70,8 @@ def build_server_app(
         result = run_federation(PromptGrid(grid) if prompt else grid, run)
         folder = write_results(result, run.output_dir)
         logger.info("results written to %s", folder)
+        if result.evaluation is not None:
+            logger.info("report written to %s", write_report(folder))
         if print_summary:
             print(format_summary(result), end="", flush=True)
         if on_result is not None:

@@ -752,6 +752,18 @@ def run_federation(
         )
         if stop:
             break
+    if config.report.enabled:
+        # The end-of-run report: each site's aggregates on the final model (server/evaluation.py).
+        from clinfed.server.evaluation import evaluate_final_model  # noqa: PLC0415 - cycle
+
+        result.evaluation = evaluate_final_model(
+            grid,
+            config,
+            arrays=arrays,
+            names=names,
+            model_config=train_config,
+            epsilons={s: m.epsilon for s, m in result.final("train").items()},
+        )
     result.final_state = arrays.to_torch_state_dict()
     return result
 

@@ -16,8 +16,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from clinfed.server.evaluation import FinalEvaluation
 
 __all__ = [
     "FederationResult",
@@ -25,6 +29,7 @@ __all__ = [
     "RoundRecord",
     "SiteRoundMetrics",
     "format_summary",
+    "write_evaluation",
     "write_results",
 ]
 
@@ -85,6 +90,8 @@ class FederationResult:
     rounds: list[RoundRecord] = field(default_factory=list)
     resumed_from: int = 0
     """The last round of the checkpoint this run resumed from (0: started fresh)."""
+    evaluation: FinalEvaluation | None = None
+    """The end-of-run report's data (``report.enabled``), written to ``evaluation.json``."""
 
     def final(self, phase: str = "evaluate") -> dict[str, SiteRoundMetrics]:
         """Each site's last successful metrics of ``phase``."""
@@ -150,7 +157,16 @@ def write_results(result: FederationResult, output_dir: str | Path) -> Path:
     _atomic_write(folder / "model.pt", model_buffer.getvalue())
     _atomic_write(folder / "config.yaml", result.config_yaml.encode())
     _atomic_write(folder / "summary.txt", format_summary(result).encode())
+    if result.evaluation is not None:
+        write_evaluation(result.evaluation, folder)
     return folder
+
+
+def write_evaluation(evaluation: FinalEvaluation, folder: str | Path) -> Path:
+    """Write (or replace) ``evaluation.json``, the end-of-run report's data, in ``folder``."""
+    path = Path(folder) / "evaluation.json"
+    _atomic_write(path, json.dumps(evaluation.to_json(), indent=2, allow_nan=True).encode())
+    return path
 
 
 def _fmt(value: float, digits: int = 3) -> str:

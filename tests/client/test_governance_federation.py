@@ -70,8 +70,9 @@ def test_every_spend_is_in_the_ledger_and_every_decision_in_the_audit_log(
     for site in ("paris", "nantes", "berlin"):
         assert _ledger_rounds(tmp_path, site) == 3
         report = verify_audit_log(tmp_path / site / "audit.jsonl")
-        # created + (request, decision) for the discovery query, 3 trainings and 3 evaluations
-        assert report.ok and report.entries == 1 + 2 * (1 + 3 + 3)
+        # created + (request, decision) for the discovery query, 3 trainings, 3 evaluations and
+        # the two end-of-run report queries
+        assert report.ok and report.entries == 1 + 2 * (1 + 3 + 3 + 2)
         entries = [
             json.loads(line) for line in (tmp_path / site / "audit.jsonl").read_text().splitlines()
         ]

@@ -109,7 +109,7 @@ def _site_of(reply: Message, sent: list[tuple[Message, Message]]) -> str:
     names = {
         r.metadata.src_node_id: str(r.content.config_records[wire.SITE][wire.Keys.SITE_NAME])
         for m, r in sent
-        if m.metadata.message_type == "query"
+        if m.metadata.message_type == "query" and wire.SITE in r.content
     }
     return names[reply.metadata.src_node_id]
 
@@ -150,6 +150,19 @@ def test_sites_send_only_model_arrays_and_whitelisted_scalars(
         elif kind == "evaluate":
             assert set(content) == {wire.METRICS}
             _check_scalars(content.metric_records[wire.METRICS], wire.EVALUATE_METRIC_KEYS)
+        elif query in (wire.QUERY_SITE_REPORT, wire.QUERY_SITE_CONFORMAL):
+            # The end-of-run report: scalars, or one number per bin of a public grid (never per
+            # record: no list is as long as a split, and the grids are the server's settings).
+            assert set(content) == {wire.REPORT}
+            report = content.metric_records[wire.REPORT]
+            assert set(report) <= wire.REPORT_METRIC_KEYS
+            for key, value in report.items():
+                if isinstance(value, list):
+                    assert key in wire.REPORT_LIST_KEYS
+                    assert len(value) in (10, 50)  # report.reliability_bins, conformal_bins
+                    assert len(value) not in record_counts
+                else:
+                    assert isinstance(value, int | float)
         else:
             assert query == wire.QUERY_SITE_INFO
             assert set(content) == ({wire.SITE, wire.STATS} | ({wire.SECAGG} if secure else set()))
@@ -167,7 +180,13 @@ def test_sites_send_only_model_arrays_and_whitelisted_scalars(
         for record in content.values():
             if isinstance(record, ArrayRecord):
                 assert all(n not in record_counts for a in record.values() for n in a.shape)
-    assert kinds == {wire.QUERY_SITE_INFO, "train", "evaluate"}
+    assert kinds == {
+        wire.QUERY_SITE_INFO,
+        "train",
+        "evaluate",
+        wire.QUERY_SITE_REPORT,
+        wire.QUERY_SITE_CONFORMAL,
+    }
 
 
 def test_secure_aggregation_reaches_the_same_per_site_metrics(
