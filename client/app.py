@@ -244,7 +244,7 @@ def build_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clie
         site = resolve_site(context)
         torch.set_num_threads(site.torch_threads)
         data = load_site_data(site)
-        model = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
+        model, _ = _model(config, data, msg.content.array_records.get(wire.ARRAYS))
         if kind == wire.QUERY_SITE_REPORT:
             values = report.site_report(model, data, report.read_report_request(config))
         else:
