@@ -15,9 +15,8 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.app.message import make_message
-from flwr.common.constant import ErrorCode
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -105,8 +104,9 @@ class PackingGrid(PromptGrid):
     Every outgoing message whose model ArrayRecord has exactly ``layout``'s arrays is packed;
     every reply's packed arrays are unpacked back to ``layout``'s names and shapes before the
     strategy sees them, so strategies, secure aggregation and results are unchanged. A reply
-    whose packed model does not fit becomes an error reply naming the problem (the round goes
-    on with the other sites). Flower's envelope per array (~450 B) is paid once per model.
+    whose packed model does not fit is passed on as it came, for the update validation
+    (:mod:`clinfed.server.validation`) to reject with the site's name. Flower's envelope per
+    array (~450 B) is paid once per model.
     """
 
     def __init__(self, grid: Grid, layout: ArrayRecord, *, poll_s: float = DEFAULT_POLL_S) -> None:
@@ -114,7 +114,6 @@ class PackingGrid(PromptGrid):
         wire.pack_arrays(layout)  # ValueError now, not mid-run, if it cannot be packed
         self._layout = layout
         self._keys = list(layout.keys())
-        self._requests: dict[str, Message] = {}
         self._last: tuple[ArrayRecord, ArrayRecord] | None = None
 
     def _packed(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -131,19 +130,12 @@ class PackingGrid(PromptGrid):
             arrays = message.content.array_records.get(wire.ARRAYS)
             if arrays is not None and list(arrays.keys()) == self._keys:
                 message.content[wire.ARRAYS] = self._packed(arrays)
-        ids = list(self._grid.push_messages(batch))
-        for message_id, message in zip(ids, batch, strict=True):
-            self._requests[message_id] = message
-        return ids
+        return self._grid.push_messages(batch)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = []
-        for reply in self._grid.pull_messages(message_ids):
-            request = self._requests.pop(reply.metadata.reply_to_message_id, None)
-            out.append(self._unpacked(reply, request))
-        return out
+        return [self._unpacked(reply) for reply in self._grid.pull_messages(message_ids)]
 
-    def _unpacked(self, reply: Message, request: Message | None) -> Message:
+    def _unpacked(self, reply: Message) -> Message:
         if reply.has_error() or wire.ARRAYS not in reply.content:
             return reply
         arrays = reply.content.array_records[wire.ARRAYS]
@@ -154,13 +146,9 @@ class PackingGrid(PromptGrid):
                 arrays, self._layout, sender=f"node {reply.metadata.src_node_id}"
             )
         except ProtocolError as error:
+            # Left as it came: the update validation rejects it, naming the site.
             logger.warning("%s", error)
-            if request is None:
-                raise
-            return Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)),
-                reply_to=request,
-            )
+            return reply
         # A new message: the reply as it came off the wire stays as it was (packed).
         return make_message(
             metadata=reply.metadata,

@@ -57,6 +57,12 @@ def check_update(
     arrays = reply.content.array_records.get(wire.ARRAYS)
     if arrays is None:
         return "no model arrays in the reply"
+    if wire.is_packed(arrays) and not wire.is_packed(global_arrays):
+        # still packed: the transport could not unpack it (wrong size or dtype)
+        try:
+            arrays = wire.unpack_arrays(arrays, global_arrays, sender="the site")
+        except ProtocolError as error:
+            return str(error).removeprefix("the site ")
     if set(arrays) != set(global_arrays):
         missing = sorted(set(global_arrays) - set(arrays))
         extra = sorted(set(arrays) - set(global_arrays))

@@ -57,30 +57,31 @@ def test_the_poll_interval_must_be_sensible() -> None:
         PromptGrid(None, poll_s=0)  # type: ignore[arg-type]
 
 
-def test_the_model_travels_packed_and_a_packed_reply_that_does_not_fit_is_refused(
+def test_the_model_travels_packed_and_a_packed_reply_that_does_not_fit_is_rejected(
     demo_config: Callable[..., SimulationConfig],
 ) -> None:
     config = demo_config("rounds=1", "secure_aggregation.enabled=false")
     grid = local_grid(config)
     seen: list[tuple[str, list[str]]] = []
+    first = sorted(grid.get_node_ids())[0]
 
-    def shorten_paris(request: Message, reply: Message) -> Message:
+    def shorten_first(request: Message, reply: Message) -> Message:
         arrays = request.content.array_records.get(wire.ARRAYS)
         if arrays is not None:
             seen.append((request.metadata.message_type, list(arrays.keys())))
-        if request.metadata.message_type == "train" and request.metadata.dst_node_id == paris:
+        if request.metadata.message_type == "train" and request.metadata.dst_node_id == first:
             flat = reply.content.array_records[wire.ARRAYS][wire.PACKED].numpy()
             reply.content[wire.ARRAYS] = ArrayRecord({wire.PACKED: Array(flat[:-1].copy())})
         return reply
 
-    paris = sorted(grid.get_node_ids())[0]
-    grid.reply_filter = shorten_paris
+    grid.reply_filter = shorten_first
     result = run_federation(grid, config.run)
 
+    # every model on the wire, both ways, is one packed array
     assert seen and all(keys == [wire.PACKED] for _, keys in seen)
-    [bad] = [m for m in result.metrics if m.phase == "train" and m.error]
-    assert "packed model" in bad.error and str(paris) in bad.error
-    assert len([m for m in result.metrics if m.phase == "train" and not m.error]) == 2
+    [event] = [e for e in result.events if e.kind == "update-rejected"]
+    assert "packed model of" in event.detail and event.detail.split(":")[0] in result.sites
+    assert [r.status for r in result.rounds] == ["completed"]
 
 
 def test_pack_and_unpack_are_inverse_and_refuse_what_does_not_fit() -> None:

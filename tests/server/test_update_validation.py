@@ -88,18 +88,19 @@ def _nan(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _wrong_shape(name: str, a: np.ndarray) -> np.ndarray:
-    return np.zeros((a.size + 1,), dtype=a.dtype) if a.ndim == 2 else a
+    # The model travels packed (one flat array): a wrong shape is a wrong number of values.
+    return np.zeros((a.size + 1,), dtype=a.dtype)
 
 
 @pytest.mark.parametrize(
     ("transform", "reason"),
     [
         pytest.param(_nan, "NaN/Inf", id="nan"),
-        pytest.param(_wrong_shape, "has shape", id="wrong-shape"),
+        pytest.param(_wrong_shape, "packed model of", id="wrong-shape"),
         pytest.param(
             lambda k, a: a + np.float32(1e3), "exceeds validation.max_update_norm", id="norm"
         ),
-        pytest.param(lambda k, a: a.astype(np.float64), "has dtype float64", id="dtype"),
+        pytest.param(lambda k, a: a.astype(np.float64), "float64 values", id="dtype"),
     ],
 )
 def test_a_bad_update_is_rejected_the_site_named_and_the_round_completes(
