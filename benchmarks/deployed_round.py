@@ -393,23 +393,34 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir = root / "profiles"
         profile_dir.mkdir()
         results = {}
-        for name in args.variants:
-            print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-            profiled = profile_dir if name == "clinfed" else None
-            with deployment.running(VARIANTS[name], profiled):
-                results[name] = deployment.federate(args.rounds, name.replace(" ", "-"))
-            rs = results[name]["round_seconds"]
-            print(f"    rounds: {rs}", flush=True)
+        try:
+            _run_variants(args, deployment, profile_dir, results)
+        finally:
+            if args.keep is not None:
+                shutil.copytree(root, args.keep, dirs_exist_ok=True, symlinks=True)
         print(f"[{time.strftime('%H:%M:%S')}] in process ...", flush=True)
         simulated = simulated_rounds(args.rounds, deployment)
         breakdown = profile_breakdown(profile_dir)
-        if args.keep is not None:
-            shutil.copytree(root, args.keep, dirs_exist_ok=True, symlinks=True)
     text = render(env, args.rounds, results, simulated, breakdown, time.monotonic() - started)
     print(text)
     if not args.no_write:
         write_section(text)
     return 0
+
+
+def _run_variants(
+    args: argparse.Namespace,
+    deployment: Deployment,
+    profile_dir: Path,
+    results: dict[str, dict[str, object]],
+) -> None:
+    for name in args.variants:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        profiled = profile_dir if name == "clinfed" else None
+        with deployment.running(VARIANTS[name], profiled):
+            results[name] = deployment.federate(args.rounds, name.replace(" ", "-"))
+        rs = results[name]["round_seconds"]
+        print(f"    rounds: {rs}", flush=True)
 
 
 if __name__ == "__main__":
