@@ -98,7 +98,7 @@ def _wrong_shape(name: str, a: np.ndarray) -> np.ndarray:
         pytest.param(_nan, "NaN/Inf", id="nan"),
         pytest.param(_wrong_shape, "packed model of", id="wrong-shape"),
         pytest.param(
-            lambda k, a: a + np.float32(1e3), "exceeds validation.max_update_norm", id="norm"
+            lambda k, a: a + np.float32(1e5), "exceeds validation.max_update_norm", id="norm"
         ),
         pytest.param(lambda k, a: a.astype(np.float64), "float64 values", id="dtype"),
     ],
