@@ -181,40 +181,46 @@ class Deployment:
                         self.root,
                     )
                 (self.root / "registered").touch()
+            self._wait_for_sites(online=0)  # the previous variant's sites have left
             for name, config in self.site_configs.items():
                 processes.append(self._start(name, [clinfed, "site", "start", str(config)], env))
             self._wait_for_sites()
             yield
         finally:
-            for process in processes:
+            # Sites first, while the server can still record them leaving: a site that restarts
+            # while the SuperLink still lists it online is refused (exit code 305).
+            for process in reversed(processes):
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGTERM)
-            for process in processes:
                 try:
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
 
-    def _wait_for_sites(self, timeout: float = 120) -> None:
-        """Until the SuperLink lists the three sites as online."""
+    def _online(self) -> int:
+        out = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "bench", "--format", "json"],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        try:
+            nodes = json.loads(out).get("nodes", [])
+        except ValueError:
+            nodes = []
+        return sum(str(n.get("status", "")).lower() == "online" for n in nodes)
+
+    def _wait_for_sites(self, *, online: int = len(SITES), timeout: float = 240) -> None:
+        """Until the SuperLink lists ``online`` sites as online (all three, or none)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run(
-                [str(BIN / "flwr"), "supernode", "list", "bench", "--format", "json"],
-                env=self.env,
-                cwd=self.root,
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
-            try:
-                nodes = json.loads(out).get("nodes", [])
-            except ValueError:
-                nodes = []
-            if sum(str(n.get("status", "")).lower() == "online" for n in nodes) >= len(SITES):
+            count = self._online()
+            if (count >= online) if online else count == 0:
                 return
             time.sleep(1)
-        raise TimeoutError("the three sites did not come online")
+        raise TimeoutError(f"the SuperLink did not list {online} site(s) online")
 
     def federate(self, rounds: int, tag: str) -> dict[str, object]:
         """``flwr run`` with secure aggregation and DP; the run's metrics.json."""

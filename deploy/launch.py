@@ -47,6 +47,9 @@ APPROVAL_ENV = "CLINFED_SITE_CONFIG"
 
 CLIENTAPP_COMMAND = "clinfed-clientapp"
 
+_REFUSED_BY_SERVER = 305
+"""flower-supernode's exit code when the SuperLink refuses to activate the node."""
+
 POLL_ENV = "CLINFED_POLL_S"
 """Seconds between a site's polls for work (default 0.1; Flower polls every 1–3 s). ``flower``
 keeps Flower's own intervals everywhere, the server's included (for measurements)."""
@@ -253,7 +256,18 @@ def start_site(config_path: Path) -> None:
     try:
         arguments[arguments.index("subprocess")] = "process"
         sys.argv = ["flower-supernode", *arguments]
-        flower_supernode()
+        try:
+            flower_supernode()
+        except SystemExit as stop:
+            if stop.code == _REFUSED_BY_SERVER:
+                logger.error(
+                    "site %s: the server refused this site's connection. Either its key is not "
+                    "registered (the lab runs `flwr supernode register` with this site's public "
+                    "key), or the server still lists this site as online after an unclean stop "
+                    "(wait about a minute, then start the site again).",
+                    site.name,
+                )
+            raise
     finally:
         launcher.terminate()
         if zygote is not None:
