@@ -227,7 +227,7 @@ class Deployment:
         out = self.root / "results" / tag
         overrides = f"rounds={rounds} min_sites=3 round_timeout_s=300 output_dir={out}"
         started = time.monotonic()
-        _run(
+        log = _run(
             [
                 str(BIN / "flwr"),
                 "run",
@@ -242,7 +242,10 @@ class Deployment:
             timeout=1800,
         )
         wall = time.monotonic() - started
-        [folder] = list(out.glob("*/"))
+        folders = list(out.glob("*/"))
+        if len(folders) != 1:
+            raise RuntimeError(f"{tag}: the run wrote no results; flwr run said:\n{log[-3000:]}")
+        [folder] = folders
         metrics: dict[str, object] = json.loads((folder / "metrics.json").read_text())
         metrics["flwr_run_seconds"] = wall
         if metrics.get("secure_aggregation") is not True or metrics.get("dp") is not True:
@@ -424,7 +427,7 @@ def _run_variants(
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         profiled = profile_dir if name == "clinfed" else None
         with deployment.running(VARIANTS[name], profiled):
-            results[name] = deployment.federate(args.rounds, name.replace(" ", "-"))
+            results[name] = deployment.federate(args.rounds, name.replace("'", "").replace(" ", "-"))
         rs = results[name]["round_seconds"]
         print(f"    rounds: {rs}", flush=True)
 

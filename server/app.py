@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clinfed._prompt import prompt_pulls
 from clinfed.config import RunConfig, load_run_config
+from clinfed.errors import ConfigError
 from clinfed.server.federation import run_federation
 from clinfed.server.report import write_report
 from clinfed.server.results import FederationResult, format_summary, write_results
@@ -36,7 +37,14 @@ def run_config_from_context(context: Context) -> RunConfig:
     config_file = Path(str(context.run_config.get("config-file", "conf/run.yaml")))
     if not config_file.is_absolute():
         config_file = _APP_ROOT / config_file
-    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    raw = str(context.run_config.get("overrides", ""))
+    try:
+        overrides = shlex.split(raw)
+    except ValueError as error:
+        raise ConfigError(
+            f"the run config's overrides are not valid shell-quoted text ({error}): {raw!r}. "
+            "Quote a value that holds spaces or quotes, e.g. output_dir='my results'."
+        ) from None
     return load_run_config(config_file, overrides)
 
 
