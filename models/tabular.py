@@ -43,10 +43,6 @@ class LogisticRegression(nn.Module):
         super().__init__()
         self.standardize = Standardize(num_features)
         self.linear = nn.Linear(num_features, output_size(num_classes))
-        # The loss is convex: start at the origin (predict the uniform distribution) instead of
-        # at a random point that a few DP-SGD steps cannot walk back from.
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.linear(self.standardize(x))
