@@ -427,7 +427,9 @@ def _run_variants(
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         profiled = profile_dir if name == "clinfed" else None
         with deployment.running(VARIANTS[name], profiled):
-            results[name] = deployment.federate(args.rounds, name.replace("'", "").replace(" ", "-"))
+            results[name] = deployment.federate(
+                args.rounds, name.replace("'", "").replace(" ", "-")
+            )
         rs = results[name]["round_seconds"]
         print(f"    rounds: {rs}", flush=True)
 

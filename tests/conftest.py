@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -11,6 +14,24 @@ from clinfed.config import SimulationConfig, load_simulation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATE_YAML = ROOT / "conf" / "simulate.yaml"
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>`` from this repository's ``benchmarks/`` folder.
+
+    Opacus installs an unrelated top-level package named ``benchmarks``; tests run against the
+    installed clinfed with no repository folder on ``sys.path``. The repository goes first (the
+    installed clinfed is already imported, so it stays what the tests use) and a foreign
+    ``benchmarks`` already imported is forgotten.
+    """
+    ours = ROOT / "benchmarks"
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != ours:
+        for key in [k for k in sys.modules if k == "benchmarks" or k.startswith("benchmarks.")]:
+            del sys.modules[key]
+    if sys.path[:1] != [str(ROOT)]:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report_screenshot import (
-    check_screenshot,
-    find_chromium,
-    render_demo_report,
-    screenshot,
-)
+from tests.conftest import import_benchmark
+
+_shot = import_benchmark("report_screenshot")
+check_screenshot = _shot.check_screenshot
+find_chromium = _shot.find_chromium
+render_demo_report = _shot.render_demo_report
+screenshot = _shot.screenshot
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def test_the_report_renders_in_headless_chromium_with_its_tables_and_plots(
 def test_the_screenshot_check_refuses_a_blank_page(tmp_path: Path) -> None:
     from PIL import Image
 
-    from benchmarks.report_screenshot import HEIGHT, WIDTH
+    HEIGHT, WIDTH = _shot.HEIGHT, _shot.WIDTH
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (WIDTH, HEIGHT), "white").save(blank)

@@ -6,8 +6,6 @@ The full soak (30 sites x 50 rounds, a few minutes) is marked ``soak`` and runs 
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _soak() -> Any:
     """``benchmarks.soak`` (the repository's benchmarks folder is not an installed package)."""
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))  # appended: the installed clinfed still comes first
-    return importlib.import_module("benchmarks.soak")
+    from tests.conftest import import_benchmark
+
+    return import_benchmark("soak")
 
 
 def test_a_small_soak_accounts_for_every_round_across_a_restart() -> None:
