@@ -7,6 +7,7 @@ from flwr.app import Context, RecordDict
 
 from clinfed.errors import ConfigError
 from clinfed.server.app import run_config_from_context
+from tests.conftest import ROOT
 
 
 def _context(overrides: str) -> Context:
@@ -15,7 +16,8 @@ def _context(overrides: str) -> Context:
         node_id=0,
         node_config={},
         state=RecordDict(),
-        run_config={"config-file": "conf/run.yaml", "overrides": overrides},
+        # absolute: the tests run against the installed package, which has no conf/ folder
+        run_config={"config-file": str(ROOT / "conf" / "run.yaml"), "overrides": overrides},
     )
 
 
