@@ -22,10 +22,10 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -44,7 +44,7 @@ from clinfed.server.checkpoint import (
 from clinfed.server.results import FederationResult, RoundEvent, RoundRecord, SiteRoundMetrics
 from clinfed.server.secure import SecureAggregator, check_secure_model
 from clinfed.server.strategies import create_strategy
-from clinfed.server.transport import PackingGrid
+from clinfed.server.transport import DelegatingGrid, PackingGrid
 from clinfed.server.validation import robust_reply, validate_replies
 
 __all__ = ["SiteInfo", "discover_sites", "run_federation"]
@@ -329,7 +329,7 @@ def _wait_for_sites(
     return nodes
 
 
-class _FixedNodes(Grid):
+class _FixedNodes(DelegatingGrid):
     """``grid`` with a fixed list of connected nodes, for a strategy's ``configure_*`` calls.
 
     Flower's ``sample_nodes`` waits *without a time limit* until enough nodes are connected; with
@@ -338,39 +338,15 @@ class _FixedNodes(Grid):
     """
 
     def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = list(nodes)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        fixed = set(self._nodes)
+        return [n for n in self._grid.get_nodes() if n.node_id in fixed]
 
 
 _Outcome = tuple[ArrayRecord | None, str]

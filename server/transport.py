@@ -24,7 +24,7 @@ from flwr.supercore.run import Run
 from clinfed import wire
 from clinfed.errors import ProtocolError
 
-__all__ = ["DEFAULT_POLL_S", "PackingGrid", "PromptGrid"]
+__all__ = ["DEFAULT_POLL_S", "DelegatingGrid", "PackingGrid", "PromptGrid"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,11 @@ DEFAULT_POLL_S = 0.05
 """Seconds between two pulls while replies are outstanding."""
 
 
-class PromptGrid(Grid):
-    """``grid`` with a ``send_and_receive`` that notices replies within ``poll_s`` seconds."""
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to ``grid``: the base of clinfed's Grid wrappers."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = DEFAULT_POLL_S) -> None:
-        if not 0 < poll_s <= 10:
-            raise ValueError(f"poll_s must be in (0, 10] seconds. Found {poll_s!r}.")
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self._poll_s = poll_s
 
     @property
     def inner(self) -> Grid:
@@ -74,6 +71,21 @@ class PromptGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(DelegatingGrid):
+    """``grid`` with a ``send_and_receive`` that notices replies within ``poll_s`` seconds."""
+
+    def __init__(self, grid: Grid, *, poll_s: float = DEFAULT_POLL_S) -> None:
+        if not 0 < poll_s <= 10:
+            raise ValueError(f"poll_s must be in (0, 10] seconds. Found {poll_s!r}.")
+        super().__init__(grid)
+        self._poll_s = poll_s
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
