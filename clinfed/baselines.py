@@ -41,7 +41,7 @@ from torch import nn
 from clinfed.client.report import ReportRequest, site_report
 from clinfed.client.site import SiteData, load_site_data
 from clinfed.client.training import TrainSettings, train
-from clinfed.config import RunConfig, SimulationConfig, SiteConfig
+from clinfed.config import CheckpointConfig, RunConfig, SimulationConfig, SiteConfig
 from clinfed.errors import PrivacyError
 from clinfed.models import create_model
 from clinfed.models.scaling import FeatureStats, set_standardization
@@ -233,6 +233,8 @@ def _personalized(config: SimulationConfig) -> dict[str, SiteEvaluation]:
         run,
         name=f"{run.name}-personalize",
         report=dataclasses.replace(run.report, enabled=False),
+        # its own short run: never the main run's checkpoint (a resumable demo has one)
+        checkpoint=CheckpointConfig(),
     )
     result = run_inprocess_federation(dataclasses.replace(config, run=fed_run, sites=tuple(sites)))
     spent_fed = {s: m.epsilon for s, m in result.final("train").items()}
