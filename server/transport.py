@@ -38,11 +38,6 @@ class DelegatingGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
 
-    @property
-    def inner(self) -> Grid:
-        """The wrapped Grid."""
-        return self._grid
-
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
 
