@@ -103,14 +103,14 @@ class Hyper:
 
     def short(self, method: str) -> str:
         parts = [f"lr {self.lr:g}", f"batch {self.batch_size}"]
-        if method in ("pooled", "local"):
+        if method in ("pooled", "local", "pooled-dp"):
             parts.append(f"{self.epochs} epochs")
         else:
             parts.append(f"{self.rounds} rounds")
             parts.append(
                 f"{self.steps} local steps" if self.steps else f"{self.epochs} local epoch(s)"
             )
-        if method.startswith("dp"):
+        if method.startswith("dp") or method == "pooled-dp":
             parts.append(f"clip {self.clip:g}")
         if self.momentum:
             parts.append(f"momentum {self.momentum:g}")
@@ -323,14 +323,26 @@ def _evaluate_with(
 
 
 def run_pooled(
-    sites: Sequence[SiteConfig], hp: Hyper, *, seed: int, scaling: str = "federated"
+    sites: Sequence[SiteConfig],
+    hp: Hyper,
+    *,
+    seed: int,
+    scaling: str = "federated",
+    epsilon: float | None = None,
 ) -> Trajectory:
     """Train one model on the union of the training splits; evaluate at every centre.
 
     The model is standardized with the union's statistics (identical to the federation's
     ``federated`` scaling). With ``scaling="local"`` (FLamby) each centre's test rows are then
     standardized with that centre's own training statistics, as FLamby's per-centre test sets are.
+
+    With ``epsilon`` this is *central* DP-SGD: one trusted curator holding every row, one noise
+    draw per step, the noise calibrated (RDP, as the sites) to ``hp.epochs`` epochs at
+    ``(epsilon, DELTA)``. No deployment can do this (the rows would leave the hospitals); it is the
+    reference that separates what differential privacy costs from what federating it costs.
     """
+    if epsilon is not None:
+        return {hp.epochs: _central_dp(sites, hp, seed=seed, epsilon=epsilon)}
     data = {s.name: load_site_data(s) for s in sites}
     x = torch.cat([d.x_train for d in data.values()])
     y = torch.cat([d.y_train for d in data.values()])
@@ -350,6 +362,29 @@ def run_pooled(
             {n: _evaluate_with(model, d, local_stats[n]) for n, d in data.items()}
         )
     return trajectory
+
+
+def _central_dp(sites: Sequence[SiteConfig], hp: Hyper, *, seed: int, epsilon: float) -> Score:
+    from clinfed.privacy.accountant import calibrate_noise, planned_steps
+
+    data = {s.name: load_site_data(s) for s in sites}
+    x = torch.cat([d.x_train for d in data.values()])
+    y = torch.cat([d.y_train for d in data.values()])
+    first = next(iter(data.values()))
+    model = _new_model(first.num_features, first.num_classes, seed)
+    set_standardization(model, *FeatureStats.of(x).standardization())
+    q, steps = planned_steps(
+        num_records=len(y), batch_size=hp.batch_size, epochs_per_round=hp.epochs, rounds=1
+    )
+    sigma = calibrate_noise(
+        target_epsilon=epsilon, target_delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+    )
+    settings = TrainSettings(
+        epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr, max_grad_norm=hp.clip
+    )
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    train(model, x, y, settings=settings, noise_multiplier=sigma, generator=generator)
+    return Score({n: _evaluate_with(model, d, None) for n, d in data.items()})
 
 
 def run_local(sites: Sequence[SiteConfig], hp: Hyper, *, seed: int) -> Trajectory:
@@ -528,6 +563,7 @@ METHOD_LABELS = {
     "fedavg": "FedAvg (non-private)",
     "fedadam": "FedAdam (non-private)",
     "dp": "DP-FedAvg",
+    "pooled-dp": "pooled DP-SGD (central DP: one curator holds every row; a reference)",
 }
 
 
@@ -543,6 +579,8 @@ def run_method(
 ) -> Trajectory:
     if method == "pooled":
         return run_pooled(sites, hp, seed=seed, scaling=scaling)
+    if method == "pooled-dp":
+        return run_pooled(sites, hp, seed=seed, epsilon=epsilon)
     if method == "local":
         return run_local(sites, hp, seed=seed)
     if method in ("fedavg", "fedadam", "fedyogi"):
@@ -555,7 +593,7 @@ def run_method(
 
 
 def _with_length(method: str, hp: Hyper, point: int) -> Hyper:
-    if method in ("pooled", "local"):
+    if method in ("pooled", "local", "pooled-dp"):
         return dataclasses.replace(hp, epochs=point)
     return dataclasses.replace(hp, rounds=point)
 
@@ -620,16 +658,17 @@ def tune_dp(
     grid: Sequence[Hyper],
     *,
     epsilon: float,
+    method: str = "dp",
 ) -> Tuned:
     """Grid search, then the clipping bound around the best (same lr, and same lr x clip)."""
-    first = tune("dp", folds, fold_seeds, grid, points=None, epsilon=epsilon)
+    first = tune(method, folds, fold_seeds, grid, points=None, epsilon=epsilon)
     b = first.hp
     refine = [b] + [
         dataclasses.replace(b, clip=c, lr=lr)
         for c in (0.3, 3.0)
         for lr in (b.lr, b.lr * b.clip / c)
     ]
-    second = tune("dp", folds, fold_seeds, refine, points=None, epsilon=epsilon)
+    second = tune(method, folds, fold_seeds, refine, points=None, epsilon=epsilon)
     second.tried += first.tried - 1
     second.seconds += first.seconds
     second.table = first.table + second.table[1:]
@@ -651,6 +690,7 @@ class Grids:
     federated_points: tuple[int, ...]
     fedadam: list[Hyper]
     dp: list[Hyper]
+    central_dp: list[Hyper]  # pooled DP-SGD, the central-DP reference (epochs, not rounds)
     epsilons: tuple[float, ...] = EPSILONS
 
     @property
@@ -677,6 +717,7 @@ def make_grids(quick: bool, seeds: int, target_seeds: int) -> Grids:
                 for b in (64, 512)
                 for lr in (1.0, 10.0)
             ],
+            central_dp=[Hyper(lr=lr, batch_size=64, epochs=e) for e in (1, 3) for lr in (1.0, 3.0)],
             epsilons=(0.3, 1.0),
         )
     return Grids(
@@ -704,6 +745,12 @@ def make_grids(quick: bool, seeds: int, target_seeds: int) -> Grids:
             for r in (1, 2, 3, 5, 10)
             for b in (32, 64, 128, 512)
             for lr in (0.3, 1.0, 3.0, 10.0, 30.0)
+        ],
+        central_dp=[
+            Hyper(lr=lr, batch_size=b, epochs=e)
+            for e in (1, 2, 3, 5, 10)
+            for b in (32, 64, 128, 512)
+            for lr in (0.3, 1.0, 3.0, 10.0)
         ],
     )
 
@@ -876,7 +923,36 @@ def targets(paired: dict[str, Outcome]) -> list[str]:
             f"{np.mean(paired[key].accuracies):.3f} ({da.mean():+.3f} ± {se_a:.3f}), AUC "
             f"{np.mean(paired[key].aucs):.3f} ({du.mean():+.3f} ± {se_u:.3f}) → {verdict}"
         )
+    references = [k for k in paired if k.startswith("central-")]
+    if references:
+        lines += [
+            "",
+            "Reference, not a target: central DP-SGD at the same ε on the pooled rows (one trusted "
+            "curator, one noise draw per step; what DP costs without federation), same seeds:",
+            "",
+        ]
+    for key in references:
+        eps_text = key.split("-", 1)[1]
+        ca, cu = np.array(paired[key].accuracies), np.array(paired[key].aucs)
+        lines.append(
+            f"- central DP ε = {eps_text}: accuracy {ca.mean():.3f} ({_paired(ca, pa)} vs pooled), "
+            f"AUC {cu.mean():.3f} ({_paired(cu, pu)} vs pooled)"
+        )
+        fed = paired.get(f"dp-{eps_text}")
+        if fed is not None:
+            fa, fu = np.array(fed.accuracies), np.array(fed.aucs)
+            lines.append(
+                f"- DP-FedAvg ε = {eps_text} against central DP: accuracy {_paired(fa, ca)}, AUC "
+                f"{_paired(fu, cu)} (the cost of each site adding its own noise)"
+            )
     return lines
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> str:
+    """``mean ± standard error`` of the paired difference ``a - b``."""
+    d = a - b
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return f"{d.mean():+.3f} ± {se:.3f}"
 
 
 def noise_calibration(sites: Sequence[SiteConfig], settings: dict[float, Hyper]) -> str:
@@ -982,6 +1058,21 @@ def binary_benchmark(grids: Grids, folder: Path) -> dict[str, object]:
             f"DP-FedAvg ε = {eps:g}", "dp", sites, t.hp, seeds, epsilon=eps, tuned=t
         )
     tuned_out += list(dp_out.values())
+    central_out: dict[float, Outcome] = {}
+    for eps in (0.3, 1.0):
+        if eps in grids.epsilons:
+            t = tune_dp(folds, grids.fold_seeds, grids.central_dp, epsilon=eps, method="pooled-dp")
+            _log(f"binary central DP ε={eps:g}: chose {t.hp.short('pooled-dp')} ({t.tried} tried)")
+            central_out[eps] = on_test(
+                f"{METHOD_LABELS['pooled-dp']} ε = {eps:g}",
+                "pooled-dp",
+                sites,
+                t.hp,
+                seeds,
+                epsilon=eps,
+                tuned=t,
+            )
+    tuned_out += list(central_out.values())
 
     paired = {"pooled": on_test("pooled", "pooled", sites, tuned_out[0].hp, grids.target_seeds)}
     for eps in (0.3, 1.0):
@@ -991,6 +1082,15 @@ def binary_benchmark(grids: Grids, folder: Path) -> dict[str, object]:
                 "dp",
                 sites,
                 dp_out[eps].hp,
+                grids.target_seeds,
+                epsilon=eps,
+            )
+        if eps in central_out:
+            paired[f"central-{eps:g}"] = on_test(
+                f"central DP ε = {eps:g}",
+                "pooled-dp",
+                sites,
+                central_out[eps].hp,
                 grids.target_seeds,
                 epsilon=eps,
             )
