@@ -1,4 +1,4 @@
-"""Utility on FLamby's Fed-Heart-Disease: pooled, local-only, FedAvg, FedAdam and DP-FedAvg.
+"""Utility on FLamby's Fed-Heart-Disease: pooled, local-only, FedAvg, FedAdam, DP-FedAvg, central DP.
 
 Every number comes from the project's own code: the pooled and local-only baselines call
 :func:`clinfed.client.training.train` / :func:`~clinfed.client.training.evaluate`, the federations
@@ -18,7 +18,7 @@ of them; the test split is touched only by the final runs. A fixed, untuned sett
 
 Run from the repository root::
 
-    python -m benchmarks.utility --seeds 5          # the full benchmark (~10 min on 2 cores)
+    python -m benchmarks.utility --seeds 5          # the full benchmark (~20 min on 2 cores)
     python -m benchmarks.utility --quick            # smoke test (~1 min)
 """
 
@@ -341,8 +341,6 @@ def run_pooled(
     ``(epsilon, DELTA)``. No deployment can do this (the rows would leave the hospitals); it is the
     reference that separates what differential privacy costs from what federating it costs.
     """
-    if epsilon is not None:
-        return {hp.epochs: _central_dp(sites, hp, seed=seed, epsilon=epsilon)}
     data = {s.name: load_site_data(s) for s in sites}
     x = torch.cat([d.x_train for d in data.values()])
     y = torch.cat([d.y_train for d in data.values()])
@@ -353,6 +351,15 @@ def run_pooled(
     local_stats = {
         n: FeatureStats.of(d.x_train) if scaling == "local" else None for n, d in data.items()
     }
+    if epsilon is not None:
+        settings = TrainSettings(
+            epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr, max_grad_norm=hp.clip
+        )
+        sigma = _central_noise(len(y), hp, epsilon)
+        train(model, x, y, settings=settings, noise_multiplier=sigma, generator=generator)
+        return {
+            hp.epochs: Score({n: _evaluate_with(model, d, local_stats[n]) for n, d in data.items()})
+        }
     trajectory: Trajectory = {}
     for epoch in range(1, hp.epochs + 1):
         # One call per epoch = one call of many epochs (no optimizer state without momentum;
@@ -364,27 +371,16 @@ def run_pooled(
     return trajectory
 
 
-def _central_dp(sites: Sequence[SiteConfig], hp: Hyper, *, seed: int, epsilon: float) -> Score:
+def _central_noise(num_records: int, hp: Hyper, epsilon: float) -> float:
+    """The noise multiplier for ``hp.epochs`` epochs of DP-SGD on ``num_records`` pooled rows."""
     from clinfed.privacy.accountant import calibrate_noise, planned_steps
 
-    data = {s.name: load_site_data(s) for s in sites}
-    x = torch.cat([d.x_train for d in data.values()])
-    y = torch.cat([d.y_train for d in data.values()])
-    first = next(iter(data.values()))
-    model = _new_model(first.num_features, first.num_classes, seed)
-    set_standardization(model, *FeatureStats.of(x).standardization())
     q, steps = planned_steps(
-        num_records=len(y), batch_size=hp.batch_size, epochs_per_round=hp.epochs, rounds=1
+        num_records=num_records, batch_size=hp.batch_size, epochs_per_round=hp.epochs, rounds=1
     )
-    sigma = calibrate_noise(
+    return calibrate_noise(
         target_epsilon=epsilon, target_delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
     )
-    settings = TrainSettings(
-        epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr, max_grad_norm=hp.clip
-    )
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    train(model, x, y, settings=settings, noise_multiplier=sigma, generator=generator)
-    return Score({n: _evaluate_with(model, d, None) for n, d in data.items()})
 
 
 def run_local(sites: Sequence[SiteConfig], hp: Hyper, *, seed: int) -> Trajectory:
@@ -1076,24 +1072,16 @@ def binary_benchmark(grids: Grids, folder: Path) -> dict[str, object]:
 
     paired = {"pooled": on_test("pooled", "pooled", sites, tuned_out[0].hp, grids.target_seeds)}
     for eps in (0.3, 1.0):
-        if eps in dp_out:
-            paired[f"dp-{eps:g}"] = on_test(
-                f"DP-FedAvg ε = {eps:g}",
-                "dp",
-                sites,
-                dp_out[eps].hp,
-                grids.target_seeds,
-                epsilon=eps,
-            )
-        if eps in central_out:
-            paired[f"central-{eps:g}"] = on_test(
-                f"central DP ε = {eps:g}",
-                "pooled-dp",
-                sites,
-                central_out[eps].hp,
-                grids.target_seeds,
-                epsilon=eps,
-            )
+        for key, method, chosen in (("dp", "dp", dp_out), ("central", "pooled-dp", central_out)):
+            if eps in chosen:
+                paired[f"{key}-{eps:g}"] = on_test(
+                    f"{METHOD_LABELS[method]} ε = {eps:g}",
+                    method,
+                    sites,
+                    chosen[eps].hp,
+                    grids.target_seeds,
+                    epsilon=eps,
+                )
     _log(f"binary: target checks on {len(grids.target_seeds)} paired seeds done")
 
     # Diagnostics for the DP targets: the same tuned settings with (almost) no noise separate
