@@ -352,9 +352,7 @@ def run_pooled(
         n: FeatureStats.of(d.x_train) if scaling == "local" else None for n, d in data.items()
     }
     if epsilon is not None:
-        settings = TrainSettings(
-            epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr, max_grad_norm=hp.clip
-        )
+        settings = dataclasses.replace(_settings(hp), epochs=hp.epochs)  # one call, all epochs
         sigma = _central_noise(len(y), hp, epsilon)
         train(model, x, y, settings=settings, noise_multiplier=sigma, generator=generator)
         return {
