@@ -346,6 +346,7 @@ class RunConfig:
     rounds: int = 10
     seed: int = 0
     min_sites: int = 2
+    expected_sites: int = 0
     round_timeout_s: float = 300.0
     scaling: str = "federated"
     output_dir: str = "results"
@@ -369,6 +370,11 @@ class RunConfig:
         )
         _require(self.rounds >= 1, f"rounds must be >= 1; found {self.rounds}. Use e.g. rounds=10.")
         _require(self.min_sites >= 1, f"min_sites must be >= 1; found {self.min_sites}.")
+        _require(
+            self.expected_sites == 0 or self.expected_sites >= self.min_sites,
+            f"expected_sites must be 0 (wait for min_sites) or >= min_sites ({self.min_sites}); "
+            f"found {self.expected_sites}.",
+        )
         _require(
             self.round_timeout_s > 0 and math.isfinite(self.round_timeout_s),
             f"round_timeout_s must be > 0 seconds; found {self.round_timeout_s}.",
@@ -777,6 +783,16 @@ def load_simulation_config(path: str | Path, overrides: Sequence[str] = ()) -> S
             else s
             for s in sites
         ]
+    for key, value in (("min_sites", run.min_sites), ("expected_sites", run.expected_sites)):
+        if value > len(sites):
+            raise ConfigError(
+                f"{key} is {value} but the simulation has only {len(sites)} site(s) under "
+                f"federation.sites. Lower {key} or list more sites."
+            )
+    if run.expected_sites == 0:
+        # Every simulated site is started with the run: discovery waits for all of them (Flower's
+        # engine registers the nodes one by one while the ServerApp is already running).
+        run = dataclasses.replace(run, expected_sites=len(sites))
     return SimulationConfig(run=run, sites=tuple(sites), federation=federation)
 
 

@@ -93,21 +93,40 @@ def discover_sites(
     *,
     min_sites: int,
     timeout_s: float,
+    expected_sites: int = 0,
     secure: SecureAggregator | None = None,
-    refusals: list[str] | None = None,
+    problems: list[tuple[str, str]] | None = None,
+    queried: set[int] | None = None,
 ) -> list[SiteInfo]:
-    """Ask every connected site who it is; wait at most ``timeout_s`` for ``min_sites`` of them.
+    """Ask every connected site who it is; the sites that answer make up the run.
 
-    With ``secure``, the same query carries the secure-aggregation key setup (no extra exchange).
+    Waits (at most ``timeout_s``) until ``expected_sites`` nodes are connected — or ``min_sites``
+    when ``expected_sites`` is 0 —, then queries them all (again at most ``timeout_s``). Sites
+    still missing when the wait ends do not take part; with at least ``min_sites`` connected the
+    run goes on without them, and says so. With ``secure``, the same query carries the
+    secure-aggregation key setup (no extra exchange). A node that refuses, sends an answer that
+    does not parse, or does not answer in time is logged and appended to ``problems`` as an
+    event (kind, detail). The nodes queried are added to ``queried``.
     """
+    wanted = max(min_sites, expected_sites)
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
-    while len(node_ids) < min_sites:
+    while len(node_ids) < wanted:
         if time.monotonic() > deadline:
-            raise ConfigError(
-                f"only {len(node_ids)} site(s) connected within {timeout_s:g} s, but min_sites is "
-                f"{min_sites}. Check that the sites are running, or lower min_sites."
+            if len(node_ids) < min_sites:
+                raise ConfigError(
+                    f"only {len(node_ids)} site(s) connected within {timeout_s:g} s, but "
+                    f"min_sites is {min_sites}. Check that the sites are running, or lower "
+                    "min_sites."
+                )
+            detail = (
+                f"only {len(node_ids)} of the {wanted} expected sites connected within "
+                f"{timeout_s:g} s; the run goes on without the others (min_sites is {min_sites})"
             )
+            logger.warning("%s", detail)
+            if problems is not None:
+                problems.append(("discovery-incomplete", detail))
+            break
         time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
     messages = [
@@ -123,13 +142,23 @@ def discover_sites(
         )
         for node in node_ids
     ]
+    if queried is not None:
+        queried.update(node_ids)
     sites: list[SiteInfo] = []
-    for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    for node in sorted(set(node_ids) - {r.metadata.src_node_id for r in replies}):
+        reason = f"no answer to the discovery query within {timeout_s:g} s"
+        logger.error("node %s did not join: %s", node, reason)
+        if problems is not None:
+            problems.append(("discovery-no-answer", f"node {node}: {reason}"))
+    for reply in replies:
         if reply.has_error():
             reason = _reason(reply.error.reason)
             logger.error("node %s did not join: %s", reply.metadata.src_node_id, reason)
-            if refusals is not None:
-                refusals.append(f"node {reply.metadata.src_node_id}: {reason}")
+            if problems is not None:
+                problems.append(
+                    ("discovery-refused", f"node {reply.metadata.src_node_id}: {reason}")
+                )
             continue
         try:
             info = _parse_site_info(reply)
@@ -138,8 +167,10 @@ def discover_sites(
         except ProtocolError as error:
             # One malformed answer must not stop the federation: that node does not join.
             logger.error("node %s did not join: %s", reply.metadata.src_node_id, error)
-            if refusals is not None:
-                refusals.append(f"node {reply.metadata.src_node_id}: {error}")
+            if problems is not None:
+                problems.append(
+                    ("discovery-refused", f"node {reply.metadata.src_node_id}: {error}")
+                )
             continue
         sites.append(info)
     sites.sort(key=lambda s: s.name)
@@ -327,6 +358,22 @@ def _wait_for_sites(
             return None
         time.sleep(0.5)
     return nodes
+
+
+def _report_latecomers(
+    grid: Grid, known: set[int], server_round: int, result: FederationResult
+) -> None:
+    """Name each node that connected after discovery, once: it takes no part in this run."""
+    for node in grid.get_node_ids():
+        if node in known:
+            continue
+        known.add(node)
+        detail = (
+            f"node {node} connected after discovery and takes no part in this run; start every "
+            "site before launching the run (or set expected_sites so that discovery waits for it)"
+        )
+        result.events.append(RoundEvent(server_round, "late-node-ignored", detail))
+        logger.warning("round %d: %s", server_round, detail)
 
 
 class _FixedNodes(DelegatingGrid):
@@ -557,13 +604,16 @@ def run_federation(
             "secure aggregation is OFF (secure_aggregation.enabled=false): the server sees every "
             "site's individual model update"
         )
-    refusals: list[str] = []
+    problems: list[tuple[str, str]] = []
+    queried: set[int] = set()
     sites = discover_sites(
         grid,
         min_sites=config.min_sites,
         timeout_s=config.round_timeout_s,
+        expected_sites=config.expected_sites,
         secure=secure,
-        refusals=refusals,
+        problems=problems,
+        queried=queried,
     )
     names = {s.node_id: s.name for s in sites}
     declared = {s.name: s.stats.count for s in sites}
@@ -602,7 +652,7 @@ def run_federation(
     if checkpoint is not None:
         _resume(result, checkpoint, sites)
         first_round = checkpoint.last_round + 1
-    result.events.extend(RoundEvent(first_round - 1, "discovery-refused", r) for r in refusals)
+    result.events.extend(RoundEvent(first_round - 1, kind, detail) for kind, detail in problems)
     result.setup_seconds = time.monotonic() - started
     train_config = _train_config(config)
     for server_round in range(first_round, config.rounds + 1):
@@ -631,6 +681,7 @@ def run_federation(
             continue
         # Only sites that joined at discovery take part (a node that refused, or connected
         # later, has no agreed schema, scaling or secure-aggregation keys).
+        _report_latecomers(grid, queried, server_round, result)
         fixed = _FixedNodes(grid, nodes)
         messages = list(
             strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), fixed)
