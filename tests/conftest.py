@@ -14,6 +14,10 @@ from clinfed.config import SimulationConfig, load_simulation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATE_YAML = ROOT / "conf" / "simulate.yaml"
+RAY_RUN_TIMEOUT_S = 900
+"""Hang guard for one `clinfed simulate` on Flower's Ray engine (not a timing assertion): about
+25 s on an idle 2-core machine, but Ray's start-up alone took 130 s (a run 200 s) with two other
+CPU-bound processes running, and CI machines are shared."""
 
 
 def import_benchmark(name: str) -> ModuleType:

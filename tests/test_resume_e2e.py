@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import RAY_RUN_TIMEOUT_S
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -53,11 +55,11 @@ def test_simulate_killed_after_round_2_resumes_to_the_uninterrupted_model(
 ) -> None:
     # Arrange: an uninterrupted run, and one killed once its checkpoint reaches round 2
     straight = _simulate(repo_root, tmp_path, "straight")
-    out, err = straight.communicate(timeout=300)
+    out, err = straight.communicate(timeout=RAY_RUN_TIMEOUT_S)
     assert straight.returncode == 0, err[-3000:]
     killed = _simulate(repo_root, tmp_path, "killed")
     checkpoint = tmp_path / "ckpt" / "killed" / "checkpoint.pt"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + RAY_RUN_TIMEOUT_S
     while _last_round(checkpoint) < 2 and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
@@ -66,7 +68,7 @@ def test_simulate_killed_after_round_2_resumes_to_the_uninterrupted_model(
 
     # Act
     resumed = _simulate(repo_root, tmp_path, "killed")
-    out2, err2 = resumed.communicate(timeout=300)
+    out2, err2 = resumed.communicate(timeout=RAY_RUN_TIMEOUT_S)
 
     # Assert
     assert resumed.returncode == 0, err2[-3000:]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RAY_RUN_TIMEOUT_S
+
 pytestmark = pytest.mark.e2e
 
 
@@ -27,7 +29,7 @@ def test_simulate_prints_a_per_site_table_and_leaves_nothing_running(
         cwd=repo_root,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=RAY_RUN_TIMEOUT_S,
         check=False,
     )
 
