@@ -25,7 +25,16 @@ SIMULATE = ROOT / "conf" / "simulate.yaml"
 PARIS = ROOT / "conf" / "sites" / "paris.yaml"
 
 RUN_KEYS: dict[str, list[str]] = {
-    "": ["name", "rounds", "seed", "min_sites", "round_timeout_s", "scaling", "on_site_refusal"],
+    "": [
+        "name",
+        "rounds",
+        "seed",
+        "min_sites",
+        "expected_sites",
+        "round_timeout_s",
+        "scaling",
+        "on_site_refusal",
+    ],
     "model": ["name", "hidden", "dropout"],
     "strategy": ["name", "proximal_mu", "server_lr", "beta_1", "beta_2", "tau"],
     "train": ["local_epochs", "batch_size", "lr", "momentum", "max_grad_norm", "dp"],

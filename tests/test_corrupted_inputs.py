@@ -185,6 +185,7 @@ _SITE_CONFIG_BREAKS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
 _RUN_CONFIG_BREAKS: dict[str, Callable[[random.Random], str]] = {
     "rounds": lambda r: f"rounds: {r.randint(-3, 0)}",
     "min_sites": lambda r: f"min_sites: {r.randint(-3, 0)}",
+    "expected_sites": lambda r: f"expected_sites: {r.choice([-1, 1, 9])}",
     "timeout": lambda r: f"round_timeout_s: {r.choice(['0', '-1', '.inf', '.nan'])}",
     "strategy": lambda r: f"strategy: {{name: {r.choice(['fedsgd', 'krum2', 'FedAvg'])}}}",
     "bits": lambda r: f"secure_aggregation: {{bits: {r.choice([4, 7, 65, 128])}}}",
