@@ -111,7 +111,16 @@ def discover_sites(
     wanted = max(min_sites, expected_sites)
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
+    next_note = time.monotonic()
     while len(node_ids) < wanted:
+        if time.monotonic() >= next_note:  # at once, then every 30 s: the wait is visible
+            logger.info(
+                "discovery: %d of %d expected sites connected; waiting at most %.0f s more",
+                len(node_ids),
+                wanted,
+                max(0.0, deadline - time.monotonic()),
+            )
+            next_note += 30.0
         if time.monotonic() > deadline:
             if len(node_ids) < min_sites:
                 raise ConfigError(

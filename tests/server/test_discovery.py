@@ -7,9 +7,11 @@ a word). These tests reproduce that with nodes that appear one at a time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
+import pytest
 from flwr.app import Message
 
 from clinfed import wire
@@ -70,8 +72,9 @@ def test_a_site_that_connects_after_discovery_is_named_not_silently_left_out(
 
 
 def test_an_expected_site_that_never_connects_ends_the_wait_at_the_deadline(
-    demo_config: Demo,
+    demo_config: Demo, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="clinfed")
     config = demo_config(*FAST, "round_timeout_s=1")
     grid = local_grid(config)
     grid.dropped = {next(iter(grid.get_node_ids()))}
@@ -82,6 +85,7 @@ def test_an_expected_site_that_never_connects_ends_the_wait_at_the_deadline(
     assert len(result.sites) == 2 and len(result.final("evaluate")) == 2
     (detail,) = _kinds(result)["discovery-incomplete"]
     assert detail.startswith("only 2 of the 3 expected sites connected within 1 s")
+    assert "discovery: 2 of 3 expected sites connected; waiting at most 1 s more" in caplog.text
     assert time.monotonic() - started < 60
 
 
